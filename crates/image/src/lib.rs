@@ -21,6 +21,8 @@
 //! # }
 //! ```
 
+mod auth;
+mod build;
 mod config;
 mod error;
 mod import;
