@@ -16,7 +16,7 @@ use crate::config::ConfigBlob;
 use crate::index::{now_secs, FileLock, IndexEntry};
 use crate::reference::{canonical, is_loopback_registry, parse};
 use crate::unpack::LayerFile;
-use crate::{auth, ImageError, ImageStore, LocalImage, PullProgress};
+use crate::{auth, ImageError, ImageStore, LocalImage, NoProgress, PullProgress};
 
 /// Context of one pull, shared by its layer downloads.
 struct Pull<'a> {
@@ -107,7 +107,7 @@ impl Pull<'_> {
             .collect();
         self.progress.resolved(&digest, &layers);
 
-        self.download(&manifest.config).await?;
+        self.download(&manifest.config, false).await?;
         let store = self.store.clone();
         let reference = self.reference.clone();
         let config_digest = manifest.config.digest.clone();
@@ -130,10 +130,15 @@ impl Pull<'_> {
                 self.progress.layer_done(&layer.digest, true);
             }
         } else {
-            futures_util::stream::iter(manifest.layers.iter().map(|layer| self.download(layer)))
-                .buffer_unordered(self.store.options.concurrent_downloads.max(1))
-                .try_collect::<Vec<()>>()
-                .await?;
+            futures_util::stream::iter(
+                manifest
+                    .layers
+                    .iter()
+                    .map(|layer| self.download(layer, true)),
+            )
+            .buffer_unordered(self.store.options.concurrent_downloads.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
             self.progress.building_rootfs();
             let layer_files: Vec<LayerFile> = manifest
                 .layers
@@ -192,8 +197,10 @@ impl Pull<'_> {
     }
 
     /// Downloads one blob into the cache unless it is there, resuming a partial download
-    /// left by an earlier pull.
-    async fn download(&self, descriptor: &OciDescriptor) -> Result<(), ImageError> {
+    /// left by an earlier pull. Progress is reported for layers only, not for the config.
+    async fn download(&self, descriptor: &OciDescriptor, is_layer: bool) -> Result<(), ImageError> {
+        let silent = NoProgress;
+        let progress: &dyn PullProgress = if is_layer { self.progress } else { &silent };
         let digest = &descriptor.digest;
         if !digest.starts_with("sha256:") || digest.len() != 71 {
             return Err(self.invalid(format!("unsupported blob digest '{digest}'")));
@@ -201,7 +208,7 @@ impl Pull<'_> {
         let size = descriptor.size.max(0) as u64;
         let target = self.store.blob_path(digest);
         if target.is_file() {
-            self.progress.layer_done(digest, true);
+            progress.layer_done(digest, true);
             return Ok(());
         }
 
@@ -218,11 +225,11 @@ impl Pull<'_> {
         })
         .await?;
         if target.is_file() {
-            self.progress.layer_done(digest, true);
+            progress.layer_done(digest, true);
             return Ok(());
         }
 
-        let result = self.download_to(descriptor, &partial, size).await;
+        let result = self.download_to(descriptor, &partial, size, progress).await;
         if let Err(ImageError::DigestMismatch { .. }) = &result {
             // Corrupt bytes must not seed the next attempt's resume.
             let _ = fs::remove_file(&partial);
@@ -232,7 +239,7 @@ impl Pull<'_> {
         let reference = self.reference.clone();
         let target_path = target.clone();
         blocking(move || store.publish(&reference, &partial, &target_path)).await?;
-        self.progress.layer_done(digest, false);
+        progress.layer_done(digest, false);
         Ok(())
     }
 
@@ -241,6 +248,7 @@ impl Pull<'_> {
         descriptor: &OciDescriptor,
         partial: &Path,
         size: u64,
+        progress: &dyn PullProgress,
     ) -> Result<(), ImageError> {
         let digest = &descriptor.digest;
         let io_error = |source| ImageError::io(&self.reference, partial, source);
@@ -284,7 +292,7 @@ impl Pull<'_> {
         file.seek(SeekFrom::Start(offset)).map_err(io_error)?;
 
         let mut downloaded = offset;
-        self.progress.layer_progress(digest, downloaded, size);
+        progress.layer_progress(digest, downloaded, size);
         let mut chunks = stream.stream;
         while let Some(chunk) = chunks.next().await {
             let chunk = match chunk {
@@ -310,7 +318,7 @@ impl Pull<'_> {
             }
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(io_error)?;
-            self.progress.layer_progress(digest, downloaded, size);
+            progress.layer_progress(digest, downloaded, size);
         }
         file.sync_all().map_err(io_error)?;
 
