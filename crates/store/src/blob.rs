@@ -152,7 +152,8 @@ impl FsBlobStore {
         self.sha256_dir().join(&hex[..2]).join(hex)
     }
 
-    pub(crate) fn temp_dir(&self) -> PathBuf {
+    /// Folder of blobs being written.
+    pub fn temp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
