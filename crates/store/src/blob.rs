@@ -2,7 +2,7 @@
 //!
 //! [`FsBlobStore`] keeps each blob at `sha256/<first two hex digits>/<64 hex digits>`. A blob
 //! is first written to `tmp/` under a random name while its SHA-256 is computed, then synced
-//! and renamed into place, so a blob path either does not exist or holds the complete bytes.
+//! and renamed into place, so a blob path either does not exist or contains the complete bytes.
 //! `tmp/` is a sibling of `sha256/` rather than the shard folder itself because the shard is
 //! only known once the last byte is hashed; both sit on one filesystem, so the rename is atomic.
 
@@ -163,12 +163,12 @@ impl FsBlobStore {
 
     /// Writes `contents` to a locked temporary file and syncs it, without publishing it.
     ///
-    /// `what` names the stream in read errors, for example "artifact 'out.csv'".
+    /// `input` names the stream in read errors, for example "artifact 'out.csv'".
     pub(crate) fn stage(
         &self,
         contents: &mut dyn Read,
         max_size: u64,
-        what: &str,
+        input: &str,
     ) -> Result<StagedBlob> {
         let mut staged = self.create_temp()?;
         let mut hasher = Sha256::new();
@@ -181,7 +181,7 @@ impl FsBlobStore {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(StoreError::ReadInput {
-                        what: what.to_owned(),
+                        input: input.to_owned(),
                         source,
                     })
                 }

@@ -45,8 +45,8 @@ pub trait ContextStore: Send + Sync {
     /// Records a step, reading its combined output from `output` to the end.
     ///
     /// Keeps the last [`Limits::max_step_output_bytes`](crate::Limits) bytes in the record and
-    /// counts the rest in `truncated_bytes`; with `keep_full_output` the whole output is also
-    /// stored as a blob when it was truncated.
+    /// counts the bytes cut before them in `truncated_bytes`. With `keep_full_output`, the
+    /// whole output is also stored as a blob when it was truncated.
     fn record_step(
         &self,
         turn: &TurnGuard,

@@ -167,9 +167,9 @@ pub enum StoreError {
     },
 
     /// The caller's reader failed while the store consumed it.
-    #[error("Failed to read {what}")]
+    #[error("Failed to read {input}")]
     ReadInput {
-        what: String,
+        input: String,
         #[source]
         source: io::Error,
     },

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use crate::error::{Result, StoreError};
 
-/// Longest context or artifact name, in bytes; matches Linux's `PATH_MAX`, since the default
-/// context name is a folder path.
+/// Maximum length of a context or artifact name, in bytes. It equals Linux's `PATH_MAX`
+/// (4096), because the default context name is a folder path.
 pub const MAX_NAME_BYTES: usize = 4096;
 
 /// Returns the default context of a document: the absolute path of its folder, with symbolic

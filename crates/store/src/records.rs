@@ -350,7 +350,7 @@ pub const MANIFEST_FORMAT_VERSION: u32 = 1;
 /// writes and that a turn receives.
 pub const MANIFEST_FILE_NAME: &str = "turns.json";
 
-/// Folder, relative to the manifest, that holds the visible artifacts by name.
+/// Folder, relative to the manifest, that contains the visible artifacts by name.
 pub const ARTIFACTS_FOLDER: &str = "artifacts";
 
 /// Earlier turns of a context as handed to the next turn, serialised to `turns.json`.
@@ -437,7 +437,8 @@ impl Default for Limits {
     }
 }
 
-/// What [`ContextStore::export_context`](crate::ContextStore::export_context) wrote.
+/// Summary of the files that [`ContextStore::export_context`](crate::ContextStore::export_context)
+/// wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportReport {
     pub folder: PathBuf,
@@ -447,15 +448,15 @@ pub struct ExportReport {
     pub workspace_snapshot: bool,
 }
 
-/// What [`ContextStore::remove_context`](crate::ContextStore::remove_context) deleted. The
-/// blobs stay until the next [`ContextStore::gc`](crate::ContextStore::gc).
+/// Counts of the records that [`ContextStore::remove_context`](crate::ContextStore::remove_context)
+/// deleted. The blobs stay until the next [`ContextStore::gc`](crate::ContextStore::gc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemovedContext {
     pub turns: u64,
     pub artifacts: u64,
 }
 
-/// What [`ContextStore::gc`](crate::ContextStore::gc) deleted.
+/// Counts and bytes of the files that [`ContextStore::gc`](crate::ContextStore::gc) deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     pub blobs_removed: u64,

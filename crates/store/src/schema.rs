@@ -2,9 +2,10 @@
 //!
 //! The version is SQLite's `user_version` header field. Migration `n` (1-based) moves a
 //! database from version `n - 1` to `n`. Each runs in its own `BEGIN IMMEDIATE` transaction
-//! that also sets the new version, so a crash leaves the database at the old or the new
-//! version and never in between, and two processes opening an old database at once migrate
-//! it once. Migrations are append-only: a released step is never edited.
+//! that also sets the new version, so a crash leaves the database at either version. Two
+//! processes that open an old database at once apply each migration once, because each checks
+//! the version again after taking the write lock. Migrations are append-only: a released step
+//! is never edited.
 
 use std::path::Path;
 

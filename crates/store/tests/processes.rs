@@ -259,7 +259,7 @@ fn killed_blob_writer_leaves_no_visible_blob() {
     assert!(report.temp_bytes_freed > 0);
     assert_eq!(fs::read_dir(&temp_dir).unwrap().count(), 0);
 
-    // The next turn works and sees no artifact from the killed one.
+    // The next turn works and gets no artifact from the killed one.
     let turn = store
         .begin_turn(CONTEXT, &document(), &BeginOptions::default())
         .unwrap();

@@ -41,9 +41,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Locking: a turn holds an exclusive `flock` on its context's lock file from
 /// [`begin_turn`](crate::ContextStore::begin_turn) to
 /// [`finish_turn`](crate::ContextStore::finish_turn). The kernel drops the lock when the
-/// process dies, even by `kill -9`, so a lock that can be taken while the database still shows
-/// a running turn proves that turn's process is gone, and the turn is marked interrupted
-/// (on [`LocalStore::open`] and on the next `begin_turn` of that context).
+/// process dies, even by `kill -9`. So when the lock can be taken while the database still
+/// shows a running turn, that turn's process is gone. [`LocalStore::open`] and the next
+/// `begin_turn` of that context then mark the turn interrupted.
 ///
 /// Garbage collection: a writer publishes a blob and inserts the row that references it
 /// while holding `gc.lock` shared, and gc deletes unreferenced blobs while holding it
@@ -233,7 +233,7 @@ impl ContextStore for LocalStore {
     }
 
     fn list_contexts(&self) -> Result<Vec<ContextSummary>> {
-        queries::list_contexts(&self.conn())
+        self.read(queries::list_contexts)
     }
 
     fn context(&self, name: &str) -> Result<ContextDetail> {

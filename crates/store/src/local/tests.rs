@@ -191,7 +191,7 @@ fn concurrent_begin_in_threads_is_refused() {
 }
 
 #[test]
-fn concurrent_begin_in_threads_runs_one_at_a_time() {
+fn waiting_begins_run_one_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(LocalStore::open(dir.path()).unwrap());
     let (started, started_rx) = mpsc::channel();
@@ -827,6 +827,36 @@ fn gc_frees_only_unreferenced_blobs() {
 }
 
 #[test]
+fn gc_beside_writers_keeps_referenced_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = LocalStore::open(dir.path()).unwrap();
+    let collector = LocalStore::open(dir.path()).unwrap();
+    let contents = noise(50_000, 17);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // The writer removes each context after use, so the blob is unreferenced between
+    // iterations and the next add_artifact often finds it still on disk while gc runs.
+    let gc_stop = Arc::clone(&stop);
+    let gc_thread = thread::spawn(move || {
+        let mut removed = 0;
+        while !gc_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            removed += collector.gc().unwrap().blobs_removed;
+        }
+        removed
+    });
+    for _ in 0..40 {
+        let guard = begin(&writer, "ctx");
+        add(&writer, &guard, "data.bin", &contents);
+        writer.finish_turn(guard, TurnOutcome::Succeeded).unwrap();
+        assert_eq!(read_artifact(&writer, "ctx", "data.bin"), contents);
+        writer.remove_context("ctx").unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let removed = gc_thread.join().unwrap();
+    assert!(removed >= 1, "gc never ran between iterations");
+}
+
+#[test]
 fn gc_sweeps_only_abandoned_temp_files() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::open(dir.path()).unwrap();
@@ -912,8 +942,8 @@ fn records_after_finish_are_rejected() {
     let store = LocalStore::open(dir.path()).unwrap();
     let guard = begin(&store, "ctx");
 
-    // Another store handle marks the turn finished behind the guard's back, as a manual
-    // repair would; the guard's writes must then fail instead of changing a finished turn.
+    // A second connection marks the turn finished while the guard still exists, as a manual
+    // repair would. The guard's writes must then fail instead of changing a finished turn.
     let conn = Connection::open(store.database_path()).unwrap();
     conn.execute(
         "UPDATE turns SET state = 'failed' WHERE id = ?1",

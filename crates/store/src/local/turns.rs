@@ -153,14 +153,14 @@ impl LocalStore {
         output: &mut dyn Read,
     ) -> Result<StepRecord> {
         let limits = self.inner.limits;
-        let what = format!("output of step {} of turn {}", step.index, turn.id());
+        let input = format!("output of step {} of turn {}", step.index, turn.id());
         let mut tail = TailReader::new(output, limits.max_step_output_bytes);
 
         let staged = if step.keep_full_output {
             let staged = self
                 .inner
                 .blobs
-                .stage(&mut tail, limits.max_artifact_bytes, &what)
+                .stage(&mut tail, limits.max_artifact_bytes, &input)
                 .map_err(|error| match error {
                     StoreError::BlobTooLarge { limit } => StoreError::StepOutputTooLarge {
                         turn: turn.id().clone(),
@@ -172,7 +172,7 @@ impl LocalStore {
             Some(staged)
         } else {
             io::copy(&mut tail, &mut io::sink())
-                .map_err(|source| StoreError::ReadInput { what, source })?;
+                .map_err(|source| StoreError::ReadInput { input, source })?;
             None
         };
         let (kept, truncated_bytes) = tail.finish();
@@ -244,11 +244,11 @@ impl LocalStore {
         let limits = self.inner.limits;
         let remaining = limits.max_turn_bytes.saturating_sub(usage.bytes);
         let max_size = limits.max_artifact_bytes.min(remaining);
-        let what = format!("artifact '{name}'");
+        let input = format!("artifact '{name}'");
         let staged =
             self.inner
                 .blobs
-                .stage(contents, max_size, &what)
+                .stage(contents, max_size, &input)
                 .map_err(|error| match error {
                     StoreError::BlobTooLarge { .. } if limits.max_artifact_bytes <= remaining => {
                         StoreError::ArtifactTooLarge {
@@ -332,11 +332,11 @@ impl LocalStore {
         archive: &mut dyn Read,
     ) -> Result<BlobRef> {
         let limit = self.inner.limits.max_workspace_snapshot_bytes;
-        let what = format!("workspace snapshot of turn {}", turn.id());
+        let input = format!("workspace snapshot of turn {}", turn.id());
         let staged =
             self.inner
                 .blobs
-                .stage(archive, limit, &what)
+                .stage(archive, limit, &input)
                 .map_err(|error| match error {
                     StoreError::BlobTooLarge { limit } => StoreError::WorkspaceSnapshotTooLarge {
                         turn: turn.id().clone(),
@@ -449,8 +449,9 @@ pub(super) fn interrupt_running_turns(
     Ok(ids)
 }
 
-/// Starts a write transaction that takes SQLite's write lock at once, so that a read followed
-/// by a write cannot fail halfway with `SQLITE_BUSY`.
+/// Starts a write transaction that takes SQLite's write lock at its start, where the busy
+/// timeout applies. A deferred transaction that reads and then writes can instead fail with
+/// `SQLITE_BUSY` when it tries to upgrade its read lock.
 pub(super) fn immediate<'c>(
     conn: &'c mut Connection,
     action: &'static str,
