@@ -42,7 +42,7 @@ pub struct Step {
     /// Short name for progress output: the `name` option, or else the start of the first
     /// command line, cut to [`LABEL_MAX_CHARS`] characters.
     pub label: String,
-    /// Where the step and its result section sit in the source.
+    /// Byte positions of the step and its result section in the source.
     pub spans: StepSpans,
 }
 
@@ -53,7 +53,7 @@ pub struct StepSpans {
     /// line ending excluded. A new result section is inserted at `block.end`.
     pub block: Range<usize>,
     /// The result section under the block, from the start of its first line to the end of
-    /// its last line, line ending excluded; `None` when there is none.
+    /// its last line, line ending excluded. `None` when the step has no result section.
     pub result: Option<Range<usize>>,
     /// Bytes before the fence on the closing fence line (block quote markers, indentation),
     /// which every line of the result section starts with.
@@ -97,9 +97,9 @@ impl Document {
 
 /// Parses a turn document.
 ///
-/// Fails on invalid or unknown front matter, on invalid or unknown step options, on two steps
-/// with the same name, and on a step block without a closing fence (a result section could
-/// not be placed under it without becoming part of the code).
+/// Fails on invalid or unknown front matter, on invalid or unknown step options, and on two
+/// steps with the same name. It also fails on a step block without a closing fence, because
+/// a result section written under such a block would become part of its code.
 pub fn parse(source: &str) -> Result<Document, ParseError> {
     let extracted = front_matter::extract(source)?;
     let mut steps = Vec::new();
@@ -200,6 +200,6 @@ pub fn truncate_label(text: &str, max_chars: usize) -> String {
     if text.chars().count() <= max_chars {
         return text.to_owned();
     }
-    let kept: String = text.chars().take(max_chars.saturating_sub(1)).collect();
-    format!("{}…", kept.trim_end())
+    let head: String = text.chars().take(max_chars.saturating_sub(1)).collect();
+    format!("{}…", head.trim_end())
 }

@@ -92,8 +92,12 @@ pub fn format_duration(duration: Duration) -> String {
     text
 }
 
-/// Formats a measured duration for a result line: `0.3s` below a minute, else `2m5s`.
+/// Formats a measured duration for a result line: `45ms` below a tenth of a second, `1.4s`
+/// below a minute, else `2m5s`.
 pub fn format_elapsed(duration: Duration) -> String {
+    if duration < Duration::from_millis(100) {
+        return format!("{}ms", duration.as_millis());
+    }
     let tenths = (duration.as_millis() + 50) / 100;
     if tenths < 600 {
         return format!("{}.{}s", tenths / 10, tenths % 10);
@@ -186,7 +190,9 @@ mod tests {
     fn format_elapsed_rounds_to_tenths() {
         assert_eq!(format_elapsed(Duration::from_millis(1_449)), "1.4s");
         assert_eq!(format_elapsed(Duration::from_millis(1_450)), "1.5s");
-        assert_eq!(format_elapsed(Duration::from_millis(12)), "0.0s");
+        assert_eq!(format_elapsed(Duration::from_millis(12)), "12ms");
+        assert_eq!(format_elapsed(Duration::from_millis(99)), "99ms");
+        assert_eq!(format_elapsed(Duration::from_millis(100)), "0.1s");
         assert_eq!(format_elapsed(Duration::from_millis(59_949)), "59.9s");
     }
 
@@ -199,7 +205,7 @@ mod tests {
 
     #[test]
     fn is_elapsed_matches_formatted_durations() {
-        for text in ["0.3s", "12.0s", "2m5s", "1h"] {
+        for text in ["0.3s", "12.0s", "2m5s", "1h", "45ms", "0ms"] {
             assert!(is_elapsed(text), "{text}");
         }
         for text in ["exit 137", "", "1.s", ".5s", "an earlier step failed"] {

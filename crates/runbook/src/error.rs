@@ -29,7 +29,7 @@ pub enum ParseError {
     )]
     NotAMapping { line: usize },
 
-    /// A front matter key is not one that upstream knows.
+    /// The front matter contains a key that [`crate::FrontMatter`] does not have.
     #[error("Unknown front matter key `{key}` at line {line}: {hint}")]
     UnknownKey {
         line: usize,

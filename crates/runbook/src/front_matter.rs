@@ -203,7 +203,7 @@ fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, KeyError> {
     serde_norway::from_value(value).map_err(|error| KeyError::Invalid(error.to_string()))
 }
 
-/// Returns the sentence that tells how to write a valid value for `key`.
+/// Returns a sentence on how to write a valid value for `key`.
 fn value_hint(key: &str) -> &'static str {
     match key {
         "image" => "write an OCI image reference, as in `image: python:3.12`",

@@ -44,9 +44,9 @@
 //! ````
 //!
 //! The HTML comments are invisible when the Markdown is displayed and mark the section, so a
-//! later run replaces it in place. A section is only taken as such when it directly follows
-//! its step (blank lines allowed), starts and ends with the markers, stays in the step's
-//! container, and does not reach the next step; anything else is left as user text and a new
+//! later run replaces it in place. Text counts as a result section only when it follows its
+//! step directly or after blank lines, starts and ends with the markers, stays in the step's
+//! container, and ends before the next step. Anything else is left as user text, and a new
 //! section is inserted above it. Section lines carry the closing fence's prefix (block quote
 //! markers, indentation) and its line ending.
 //!

@@ -85,7 +85,7 @@ impl Fence {
     }
 }
 
-/// Where a fenced block starts and ends, line by line.
+/// Fence, closing line and container prefix of a fenced block.
 pub(crate) struct BlockLines {
     pub fence: Fence,
     /// The line of the closing fence, or `None` when the block runs to the end of its

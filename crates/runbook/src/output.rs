@@ -109,7 +109,7 @@ fn last_version(line: &str) -> &str {
 /// Replaces control characters other than tab with visible stand-ins.
 ///
 /// C0 controls become their Unicode control pictures (`␇` for BEL), DEL becomes `␡`, and C1
-/// controls and bidirectional overrides, which can reorder what a reader sees, become `�`.
+/// controls and bidirectional overrides, which can reorder the displayed text, become `�`.
 fn replace_controls(line: &str) -> String {
     line.chars()
         .map(|c| match c {
@@ -142,17 +142,17 @@ enum EscapeState {
 ///
 /// A line feed always ends a sequence, so a stray ESC can hide at most the rest of its line.
 fn strip_escape_sequences(raw: &[u8]) -> Vec<u8> {
-    let mut kept = Vec::with_capacity(raw.len());
+    let mut visible = Vec::with_capacity(raw.len());
     let mut state = EscapeState::None;
     for &byte in raw {
         state = match (state, byte) {
             (_, b'\n') => {
-                kept.push(byte);
+                visible.push(byte);
                 EscapeState::None
             }
             (EscapeState::None, 0x1b) => EscapeState::Start,
             (EscapeState::None, _) => {
-                kept.push(byte);
+                visible.push(byte);
                 EscapeState::None
             }
             (EscapeState::Start, b'[') => EscapeState::Control,
@@ -169,7 +169,7 @@ fn strip_escape_sequences(raw: &[u8]) -> Vec<u8> {
             _ => EscapeState::None,
         };
     }
-    kept
+    visible
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use crate::output::{prepare, ShownOutput};
 /// Prefix of the status line of a result section.
 pub const STATUS_PREFIX: &str = "**Result:**";
 
-/// Info string of the fence that holds a step's output.
+/// Info string of the fence around a step's output.
 pub const OUTPUT_INFO: &str = "text";
 
 /// Outcome of one step, as the executor reports it.
@@ -128,13 +128,13 @@ fn section_lines(report: &StepReport, timeout: Duration, options: &RenderOptions
         ..
     } = report
     {
-        let shown = prepare(
+        let prepared = prepare(
             output,
             options.head_bytes,
             options.tail_bytes,
             *truncated_bytes,
         );
-        lines.extend(output_lines(&shown, output.len(), *truncated_bytes));
+        lines.extend(output_lines(&prepared, output.len(), *truncated_bytes));
     }
     lines.push(RESULT_END.to_owned());
     lines
@@ -169,21 +169,21 @@ fn status(report: &StepReport, timeout: Duration) -> String {
 }
 
 /// Builds the output fence and the note on left-out bytes.
-fn output_lines(shown: &ShownOutput, kept_bytes: usize, dropped_bytes: u64) -> Vec<String> {
+fn output_lines(prepared: &ShownOutput, kept_bytes: usize, dropped_bytes: u64) -> Vec<String> {
     let mut lines = Vec::new();
-    if !shown.lines.is_empty() {
-        let fence = "`".repeat(fence_length(&shown.lines));
+    if !prepared.lines.is_empty() {
+        let fence = "`".repeat(fence_length(&prepared.lines));
         lines.push(format!("{fence}{OUTPUT_INFO}"));
-        lines.extend(shown.lines.iter().cloned());
+        lines.extend(prepared.lines.iter().cloned());
         lines.push(fence);
     }
-    if shown.omitted_bytes > 0 {
+    if prepared.omitted_bytes > 0 {
         let total = u64::try_from(kept_bytes)
             .unwrap_or(u64::MAX)
             .saturating_add(dropped_bytes);
         lines.push(format!(
             "*Output shortened: {} of {total} bytes left out.*",
-            shown.omitted_bytes
+            prepared.omitted_bytes
         ));
     }
     lines

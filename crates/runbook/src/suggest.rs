@@ -12,10 +12,10 @@ pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str>
 }
 
 /// Builds the hint for an unknown name: a suggestion, or else the list of known names.
-pub(crate) fn unknown_name_hint(word: &str, candidates: &[&str], what: &str) -> String {
+pub(crate) fn unknown_name_hint(word: &str, candidates: &[&str], kind: &str) -> String {
     match closest(word, candidates) {
         Some(candidate) => format!("did you mean `{candidate}`?"),
-        None => format!("remove it; the known {what} are {}", candidates.join(", ")),
+        None => format!("remove it; the known {kind} are {}", candidates.join(", ")),
     }
 }
 

@@ -30,24 +30,29 @@ fn extract_reads_every_key() {
         publish: [8080, 9090]\n\
         ---\n# Title\n";
     let parsed = front_matter(source);
+
     assert_eq!(parsed.image.as_deref(), Some("python:3.12"));
     assert_eq!(parsed.env["LANG"], "C.UTF-8");
     assert_eq!(parsed.env["PORT"], "8080");
     assert_eq!(parsed.env["DEBUG"], "true");
+
     assert_eq!(parsed.timeout, Duration::from_secs(5400));
     assert_eq!(parsed.vcpus.map(NonZeroU32::get), Some(2));
     assert_eq!(parsed.memory_mib.map(NonZeroU64::get), Some(2048));
     assert_eq!(parsed.disk_mib.map(NonZeroU64::get), Some(10240));
+
     let rules = NetworkRules {
         allow: vec!["pypi.org".into()],
         deny: vec!["10.0.0.0/8".into()],
     };
     assert_eq!(parsed.network, Some(NetworkSetting::Rules(rules)));
+
     assert_eq!(parsed.workdir.as_deref(), Some("/work"));
     assert_eq!(parsed.shell, "sh");
     assert_eq!(parsed.context, ["research"]);
     assert_eq!(parsed.artifacts, ["out/*.json", "report.md"]);
     assert_eq!(parsed.carry, ["workspace"]);
+
     let ports: Vec<u16> = parsed.publish.iter().map(|port| port.get()).collect();
     assert_eq!(ports, [8080, 9090]);
 }

@@ -119,7 +119,7 @@ impl Visitor<'_> for TimeoutVisitor {
         parse_timeout(text).map(Timeout).map_err(E::custom)
     }
 
-    // YAML reads `timeout: 90` as a number; say which unit is missing.
+    // YAML reads `timeout: 90` as a number, so the error names the missing unit.
     fn visit_u64<E: de::Error>(self, number: u64) -> Result<Timeout, E> {
         Err(E::custom(DurationError::MissingUnit(number.to_string())))
     }
