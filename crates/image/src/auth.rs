@@ -67,11 +67,11 @@ pub(crate) fn credentials(
     };
     let config: DockerConfig =
         serde_json::from_slice(&text).map_err(|error| invalid(error.to_string()))?;
-    let wanted = registry_key(registry);
+    let expected_key = registry_key(registry);
     let Some(entry) = config
         .auths
         .iter()
-        .find(|(key, _)| registry_key(key) == wanted)
+        .find(|(key, _)| registry_key(key) == expected_key)
         .map(|(_, entry)| entry)
     else {
         return Ok(RegistryAuth::Anonymous);

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 
 use crate::config::ConfigBlob;
-use crate::index::{now_secs, IndexEntry};
+use crate::index::{now_millis, IndexEntry};
 use crate::reference::{canonical, parse};
 use crate::unpack::{LayerFile, Unpacker};
 use crate::{ImageError, ImageStore, LocalImage};
@@ -276,7 +276,7 @@ impl ImageStore {
 
         let mut blobs = vec![candidate.config_digest.clone()];
         blobs.extend(candidate.layers.iter().cloned());
-        let now = now_secs();
+        let now = now_millis();
         let mut images = Vec::new();
         for reference in references {
             let entry = IndexEntry {

@@ -32,9 +32,9 @@ pub(crate) struct IndexEntry {
     #[serde(default)]
     pub blobs: Vec<String>,
     pub config: ImageConfig,
-    /// Seconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch.
     pub created: u64,
-    /// Seconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch; sandboxes started in the same second still order.
     pub last_used: u64,
 }
 
@@ -78,10 +78,10 @@ impl FileLock {
     }
 }
 
-pub(crate) fn now_secs() -> u64 {
+pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
+        .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0)
 }
 

@@ -13,7 +13,7 @@ use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
 use crate::config::ConfigBlob;
-use crate::index::{now_secs, FileLock, IndexEntry};
+use crate::index::{now_millis, FileLock, IndexEntry};
 use crate::reference::{canonical, is_loopback_registry, parse};
 use crate::unpack::LayerFile;
 use crate::{auth, ImageError, ImageStore, LocalImage, NoProgress, PullProgress};
@@ -158,7 +158,7 @@ impl Pull<'_> {
 
         let mut blobs = vec![manifest.config.digest.clone()];
         blobs.extend(manifest.layers.iter().map(|layer| layer.digest.clone()));
-        let now = now_secs();
+        let now = now_millis();
         let entry = IndexEntry {
             reference: self.reference.clone(),
             digest,

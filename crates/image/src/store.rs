@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::index::{now_secs, FileLock, IndexEntry, IndexFile};
+use crate::index::{now_millis, FileLock, IndexEntry, IndexFile};
 use crate::reference::{canonical, digest_query, parse};
 use crate::rootfs::{self, GUEST_DIRS};
 use crate::unpack::UnpackLimits;
@@ -16,7 +16,7 @@ use crate::{ImageConfig, ImageError};
 pub struct StoreOptions {
     /// Caps that stop a hostile or broken image from filling the disk while it unpacks.
     pub limits: UnpackLimits,
-    /// Docker client config file that holds registry credentials. `None` reads
+    /// Docker client config file that contains registry credentials. `None` reads
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, when present.
     pub docker_config: Option<PathBuf>,
     /// Layers downloaded at the same time during one pull.
@@ -62,8 +62,8 @@ pub struct ImageStore {
 pub struct LocalImage {
     /// Canonical reference, such as `docker.io/library/python:3.12`.
     pub reference: String,
-    /// Manifest digest of a pulled or OCI-layout image; the config digest (the Docker image
-    /// ID) of a `docker save` archive; the tree digest of an image built from a directory.
+    /// Manifest digest of a pulled or OCI-layout image. For a `docker save` archive it is the
+    /// config digest (the Docker image ID), and for a directory build the tree digest.
     pub digest: String,
     /// Image ID: the config digest, or the tree digest for a directory. It names the rootfs.
     pub id: String,
@@ -86,7 +86,7 @@ pub struct ImageSummary {
     pub last_used: SystemTime,
 }
 
-/// What [`ImageStore::prune`] deleted.
+/// Counts of what [`ImageStore::prune`] deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneReport {
     pub blobs_removed: usize,
@@ -237,7 +237,7 @@ impl ImageStore {
             }
             built?;
         }
-        let now = now_secs();
+        let now = now_millis();
         let entry = IndexEntry {
             reference,
             digest: digest.clone(),
@@ -299,12 +299,12 @@ impl ImageStore {
                     digest: entry.digest.clone(),
                     id: entry.id.clone(),
                     size,
-                    created: UNIX_EPOCH + Duration::from_secs(entry.created),
-                    last_used: UNIX_EPOCH + Duration::from_secs(entry.last_used),
+                    created: UNIX_EPOCH + Duration::from_millis(entry.created),
+                    last_used: UNIX_EPOCH + Duration::from_millis(entry.last_used),
                 }
             })
             .collect();
-        summaries.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        summaries.sort_by_key(|summary| std::cmp::Reverse(summary.last_used));
         Ok(summaries)
     }
 
@@ -358,6 +358,7 @@ impl ImageStore {
             .iter()
             .map(|entry| format!("{}.ext4", hex_of(&entry.id)))
             .collect();
+
         let mut report = PruneReport::default();
         let blob_dir = self.root.join("blobs/sha256");
         for (name, freed) in remove_unlisted(&blob_dir, &blobs)? {
@@ -365,11 +366,13 @@ impl ImageStore {
             report.blobs_removed += 1;
             report.bytes_freed += freed;
         }
+
         let rootfs_dir = self.root.join("rootfs");
         for (_, freed) in remove_unlisted(&rootfs_dir, &rootfs)? {
             report.rootfs_removed += 1;
             report.bytes_freed += freed;
         }
+
         for (_, freed) in remove_unlisted(&self.tmp_dir(), &HashSet::new())? {
             report.temp_removed += 1;
             report.bytes_freed += freed;
@@ -381,7 +384,7 @@ impl ImageStore {
     /// Failures are logged and otherwise ignored, because a stale time must not stop a
     /// sandbox.
     pub fn touch(&self, image: &LocalImage) {
-        let now = now_secs();
+        let now = now_millis();
         let result = self.index.update(|index| {
             for entry in &mut index.images {
                 if entry.reference == image.reference {

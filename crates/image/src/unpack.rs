@@ -5,11 +5,11 @@
 //!
 //! - Paths are made relative: a leading `/` is dropped, as `tar` does. A path with a `..`
 //!   component rejects the layer.
-//! - No system call follows a symlink. Parent directories are resolved one component at a
-//!   time with `lstat`; a symlink met on the way is resolved as if the tree were the root
-//!   (`chroot` semantics), so `/lib -> usr/lib` works and a link to `/etc` or `../..`
-//!   lands inside the tree. The last component is never followed: an existing entry there
-//!   is replaced, not written through.
+//! - No file operation on the tree follows a symlink. Parent directories are resolved one
+//!   component at a time with `lstat`. A symlink met on the way is resolved as if the tree
+//!   were the root (`chroot` semantics), so `/lib -> usr/lib` works and a link to `/etc` or
+//!   `../..` lands inside the tree. The last component is never followed: an existing entry
+//!   there is replaced, not written through.
 //! - Hard links point at entries resolved the same way and never at directories.
 //! - Character and block devices are skipped, because the guest mounts devtmpfs on `/dev`
 //!   and a device node in an image is a way to reach host hardware if the tree is ever

@@ -9,7 +9,7 @@ use support::{
 };
 use upstream_image::{ImageError, ImageStore, NoProgress};
 
-/// A glibc tree taken from the host: `/bin/sh` (dash) with the loader and libc it needs.
+/// Builds a glibc layer from host files: `/bin/sh` (dash) with the loader and libc it needs.
 fn glibc_layer() -> Vec<u8> {
     let mut tar = LayerTar::new();
     tar.dir("bin", 0o755)
@@ -383,4 +383,25 @@ async fn pull_resolves_index_to_amd64() {
         matches!(error, ImageError::NoMatchingPlatform { .. }),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn pull_keeps_xattrs() {
+    let Some(registry) = start_registry() else {
+        return;
+    };
+    let mut tar = LayerTar::new();
+    tar.file_with_xattr("tagged", b"content", "user.upstream", b"kept");
+    let image = TestImage::new(vec![TestLayer::new(tar.finish(), Compression::Gzip)]);
+    registry.push("xattr:1", &image).await;
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(store_dir.path()).unwrap();
+    let pulled = store
+        .pull(&registry.reference("xattr:1"), &NoProgress)
+        .await
+        .unwrap();
+    let ext4 = Ext4::new(&pulled.rootfs);
+    assert_eq!(ext4.cat("/tagged"), b"content");
+    let value = ext4.xattr("/tagged", "user.upstream").unwrap_or_default();
+    assert!(value.contains("kept"), "xattr value: {value:?}");
 }
