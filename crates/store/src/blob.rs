@@ -3,8 +3,9 @@
 //! [`FsBlobStore`] keeps each blob at `sha256/<first two hex digits>/<64 hex digits>`. A blob
 //! is first written to `tmp/` under a random name while its SHA-256 is computed, then synced
 //! and renamed into place, so a blob path either does not exist or contains the complete bytes.
-//! `tmp/` is a sibling of `sha256/` rather than the shard folder itself because the shard is
-//! only known once the last byte is hashed; both sit on one filesystem, so the rename is atomic.
+//! `tmp/` is a sibling of `sha256/` rather than the shard folder itself, because the shard is
+//! only known once the last byte is hashed. Both sit on one filesystem, so the rename is
+//! atomic.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions, Permissions};

@@ -119,6 +119,9 @@ pub trait ContextStore: Send + Sync {
     ///
     /// `folder` must be missing or empty, so an export never overwrites a file. Every blob is
     /// verified against its digest while it is copied.
+    ///
+    /// NOTE: an artifact named like a folder of another (`a` beside `a/b`, from different
+    /// turns) fails the export with an I/O error on the second one.
     fn export_context(&self, context: &str, folder: &Path) -> Result<ExportReport> {
         prepare_export_folder(folder)?;
         let manifest = self.manifest(context)?;

@@ -18,7 +18,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// repeated in the message, so callers print the whole chain once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Another turn holds the context's lock and the caller asked not to wait.
+    /// Another turn holds the context's lock and the caller set no wait time.
     #[error("Context '{context}' is in use by {holder}; wait for it to end or pass --wait")]
     ContextBusy { context: String, holder: LockHolder },
 

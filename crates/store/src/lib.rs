@@ -9,6 +9,15 @@
 //! bytes). [`LocalStore`] implements them with SQLite and a blob folder under the user's data
 //! directory; its documentation describes the files, the locking and the gc protocol.
 //!
+//! # Known limitations
+//!
+//! - Lock files under `locks/` are never deleted, not even by `remove_context`, because
+//!   deleting a lock file that another process has open would split the lock in two.
+//! - Context locks are `flock(2)` locks, which serialise turns between processes of one
+//!   machine. They are not meant to coordinate hosts that share the store over NFS.
+//! - A later turn cannot delete an artifact name that an earlier turn stored; it can only
+//!   store a new version.
+//!
 //! A turn's life:
 //!
 //! ```no_run

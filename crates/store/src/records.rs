@@ -265,7 +265,7 @@ pub struct StepRecord {
     pub output: String,
     /// Bytes cut from the start of the output to stay within the bound.
     pub truncated_bytes: u64,
-    /// Blob of the whole output, when it was truncated and the step asked to keep it.
+    /// Blob of the whole output, when it was truncated and the step set `keep_full_output`.
     pub full_output: Option<BlobRef>,
 }
 
@@ -317,7 +317,7 @@ pub struct ContextSummary {
     /// Artifacts that the next turn would see; see [`VisibleArtifact`].
     pub artifact_count: u64,
     pub last_turn: Option<TurnId>,
-    /// End of the last finished turn, or start of the last turn when it has no end time.
+    /// Latest start or end time among the context's turns.
     pub last_used_at: Option<Timestamp>,
 }
 

@@ -348,7 +348,7 @@ fn step_output_keeps_tail_and_full_blob() {
         .unwrap();
     assert_eq!(stored, output);
 
-    // Short output needs no blob, even when asked for.
+    // Short output gets no blob, even with keep_full_output set.
     let record = store
         .record_step(&guard, &full, &mut &b"short"[..])
         .unwrap();
@@ -707,6 +707,22 @@ fn export_rejects_non_empty_folder() {
     let error = store.export_context("ctx", &out).err().unwrap();
     assert!(matches!(error, StoreError::ExportFolderNotEmpty(_)));
     assert_eq!(fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn export_name_conflict_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    for name in ["a", "a/b"] {
+        let guard = begin(&store, "ctx");
+        add(&store, &guard, name, name.as_bytes());
+        store.finish_turn(guard, TurnOutcome::Succeeded).unwrap();
+    }
+
+    let out = dir.path().join("export");
+    let error = store.export_context("ctx", &out).err().unwrap();
+    assert!(matches!(error, StoreError::Io { .. }), "{error:?}");
+    assert_eq!(fs::read(out.join("artifacts/a")).unwrap(), b"a");
 }
 
 #[test]

@@ -549,7 +549,8 @@ impl Read for TailReader<'_> {
         self.total += count as u64;
         self.tail.extend_from_slice(&buf[..count]);
 
-        // Trimming only once the buffer doubles keeps the cost per byte constant.
+        // Trimming only once the buffer passes twice the bound (and 64 KiB) keeps the cost per
+        // byte constant.
         if self.tail.len() > self.max.saturating_mul(2).max(64 * 1024) {
             let excess = self.tail.len() - self.max;
             self.tail.drain(..excess);
