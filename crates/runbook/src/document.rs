@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::duration::format_duration;
 use crate::error::ParseError;
 use crate::front_matter::{self, FrontMatter};
-use crate::lines::{line_number, Line};
+use crate::lines::{Line, LineCounter};
 use crate::markdown::{block_lines, fenced_blocks, find_result_section, line_ending_after};
 use crate::options::{parse_info, StepOptions};
 
@@ -97,15 +97,18 @@ impl Document {
 
 /// Parses a turn document.
 ///
-/// Fails on invalid or unknown front matter, on invalid or unknown step options, and on two
-/// steps with the same name. It also fails on a step block without a closing fence, because
-/// a result section written under such a block would become part of its code.
+/// Fails on invalid or unknown front matter, on invalid or unknown step options, on two
+/// steps with the same name, and on lone carriage returns. It also fails on a step block
+/// without a closing fence, because a result section written under such a block would
+/// become part of its code.
 pub fn parse(source: &str) -> Result<Document, ParseError> {
+    reject_lone_carriage_returns(source)?;
     let extracted = front_matter::extract(source)?;
     let mut steps = Vec::new();
     let mut closing_lines = Vec::new();
+    let mut line_counter = LineCounter::new(source);
     for block in fenced_blocks(source, extracted.body_start) {
-        let line = line_number(source, block.span.start);
+        let line = line_counter.line_of(block.span.start);
         let Some(options) = parse_info(&block.info, line)? else {
             continue;
         };
@@ -139,6 +142,23 @@ pub fn parse(source: &str) -> Result<Document, ParseError> {
         front_matter_span: extracted.span,
         steps,
     })
+}
+
+/// Rejects a carriage return that is not part of `\r\n`.
+///
+/// CommonMark allows it as a line ending, but pulldown-cmark 0.13 reads the info string of a
+/// fence past it, so such a document would be split into steps wrongly.
+fn reject_lone_carriage_returns(source: &str) -> Result<(), ParseError> {
+    let lone_return = source
+        .match_indices('\r')
+        .map(|(index, _)| index)
+        .find(|&index| !source[index..].starts_with("\r\n"));
+    match lone_return {
+        Some(index) => Err(ParseError::LoneCarriageReturn {
+            line: LineCounter::new(source).line_of(index),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn info_language(info: &str) -> &str {

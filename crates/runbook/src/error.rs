@@ -81,6 +81,13 @@ pub enum ParseError {
         first_line: usize,
     },
 
+    /// A line ends with a carriage return alone, as in classic Mac OS files.
+    #[error(
+        "Line {line} ends with a carriage return alone, which is not supported: save the \
+         document with LF or CRLF line endings"
+    )]
+    LoneCarriageReturn { line: usize },
+
     /// A step's code block has no closing fence, so no result can be written below it.
     #[error(
         "Step at line {line} has no closing fence: add a line `{fence}` after its last command"
@@ -102,6 +109,7 @@ impl ParseError {
             | Self::InvalidOption { line, .. }
             | Self::MalformedOptions { line, .. }
             | Self::DuplicateStepName { line, .. }
+            | Self::LoneCarriageReturn { line }
             | Self::UnclosedStep { line, .. } => *line,
         }
     }

@@ -62,6 +62,8 @@
 //!
 //! - Output lines keep their trailing whitespace, and very long lines are not wrapped.
 //! - A step whose block has no closing fence is an error rather than closed for the user.
+//! - Documents with lone carriage returns as line endings (classic Mac OS) are rejected,
+//!   because pulldown-cmark 0.13 does not end a fence's info string at them.
 
 mod check;
 mod document;

@@ -65,15 +65,41 @@ pub(crate) fn line_containing(source: &str, offset: usize) -> Line {
 }
 
 /// Returns the 1-based line number of byte `offset`.
+#[cfg(test)]
 pub(crate) fn line_number(source: &str, offset: usize) -> usize {
-    let before = &source.as_bytes()[..offset];
-    let line_feeds = before.iter().filter(|&&byte| byte == b'\n').count();
-    let lone_returns = before
-        .iter()
-        .enumerate()
-        .filter(|&(index, &byte)| byte == b'\r' && source.as_bytes().get(index + 1) != Some(&b'\n'))
-        .count();
-    1 + line_feeds + lone_returns
+    LineCounter::new(source).line_of(offset)
+}
+
+/// Line numbers of increasing offsets, counted in one pass over the document.
+pub(crate) struct LineCounter<'a> {
+    source: &'a str,
+    counted_up_to: usize,
+    line: usize,
+}
+
+impl<'a> LineCounter<'a> {
+    pub fn new(source: &'a str) -> Self {
+        Self {
+            source,
+            counted_up_to: 0,
+            line: 1,
+        }
+    }
+
+    /// Returns the 1-based line number of byte `offset`, which must not be smaller than the
+    /// offset of the previous call.
+    pub fn line_of(&mut self, offset: usize) -> usize {
+        let bytes = self.source.as_bytes();
+        for index in self.counted_up_to..offset {
+            // `\r\n` counts once, at its `\n`.
+            let lone_return = bytes[index] == b'\r' && bytes.get(index + 1) != Some(&b'\n');
+            if bytes[index] == b'\n' || lone_return {
+                self.line += 1;
+            }
+        }
+        self.counted_up_to = self.counted_up_to.max(offset);
+        self.line
+    }
 }
 
 #[cfg(test)]

@@ -124,6 +124,22 @@ fn heredoc_reaches_shell_unchanged() {
 }
 
 #[test]
+fn lone_carriage_return_is_rejected() {
+    let source = "one\r\ntwo\rthree\n```bash\recho one\r```\r";
+    assert_eq!(
+        parse(source).unwrap_err(),
+        ParseError::LoneCarriageReturn { line: 2 }
+    );
+}
+
+#[test]
+fn front_matter_without_body() {
+    let document = parse("---\nimage: alpine\n---").unwrap();
+    assert_eq!(document.front_matter.image.as_deref(), Some("alpine"));
+    assert!(document.steps.is_empty());
+}
+
+#[test]
 fn options_are_read_from_info_string() {
     let source = "```bash {name=install timeout=2m continue-on-error=true skip=true}\ntrue\n```\n";
     let step = &parse(source).unwrap().steps[0];

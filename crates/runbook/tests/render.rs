@@ -219,6 +219,24 @@ fn crlf_document() {
 }
 
 #[test]
+fn crlf_without_final_newline() {
+    let source = "---\r\nimage: alpine\r\n---\r\n```bash\r\necho hi\r\n```";
+    let rendered = run_twice(source, &[ran(0, 10, b"hi\n")]);
+    assert!(rendered.ends_with(RESULT_END), "{rendered:?}");
+    assert_eq!(
+        rendered.matches("\r\n").count(),
+        rendered.matches('\n').count()
+    );
+}
+
+#[test]
+fn byte_order_mark_is_kept() {
+    let source = "\u{feff}---\nimage: alpine\n---\n```bash\necho hi\n```\n";
+    let rendered = run_twice(source, &[ran(0, 10, b"hi\n")]);
+    assert!(rendered.starts_with("\u{feff}---\n"), "{rendered:?}");
+}
+
+#[test]
 fn missing_final_newline_stays_missing() {
     let source = "```bash\necho hi\n```";
     let rendered = run_twice(source, &[ran(0, 10, b"hi\n")]);
