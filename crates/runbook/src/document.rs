@@ -19,7 +19,7 @@ pub struct Document {
     /// Settings from the YAML front matter, or the defaults when there is none.
     pub front_matter: FrontMatter,
     /// The front matter from the opening `---` to the end of the closing line, line ending
-    /// included; `None` when the document has no front matter.
+    /// included. `None` when the document has no front matter.
     pub front_matter_span: Option<Range<usize>>,
     /// Steps in document order.
     pub steps: Vec<Step>,

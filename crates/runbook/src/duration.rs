@@ -32,7 +32,7 @@ pub enum DurationError {
 /// Parses a duration such as `500ms`, `90s`, `2m` or `1h30m15s`.
 ///
 /// Each unit (`h`, `m`, `s`, `ms`) may appear once, largest first, after a whole number.
-/// Surrounding whitespace is ignored; whitespace inside is not accepted.
+/// Surrounding whitespace is ignored, but whitespace inside is rejected.
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     if text.is_empty() {
@@ -75,7 +75,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
 
 /// Formats a configured duration in the syntax [`parse_duration`] accepts, such as `1h30m`.
 ///
-/// Parts below a millisecond are dropped; a zero duration is `0s`.
+/// Parts below a millisecond are dropped, and a zero duration is `0s`.
 pub fn format_duration(duration: Duration) -> String {
     let mut rest_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     if rest_ms == 0 {

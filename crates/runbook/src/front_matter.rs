@@ -223,7 +223,7 @@ fn value_hint(key: &str) -> &'static str {
     }
 }
 
-/// Names a mapping key for an error message; YAML allows keys that are not strings.
+/// Names a mapping key for an error message, because YAML allows keys that are not strings.
 fn key_text(key: &Value) -> String {
     match key {
         Value::String(text) => text.clone(),

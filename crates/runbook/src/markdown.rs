@@ -152,7 +152,7 @@ fn closing_line(
     (run >= fence.length && only_containers && same_depth).then_some(last)
 }
 
-/// Removes the container prefix from a line; a blank line inside the containers counts as
+/// Removes the container prefix from a line. A blank line inside the containers counts as
 /// carrying it. Returns `None` for a line outside the containers.
 pub(crate) fn strip_prefix<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     if let Some(rest) = text.strip_prefix(prefix) {

@@ -18,7 +18,7 @@ const OPTIONS: [&str; 4] = ["name", "timeout", "continue-on-error", "skip"];
 pub struct StepOptions {
     /// Name that identifies the step in output and on the command line (`name=install`).
     pub name: Option<String>,
-    /// Time limit of this step; when `None`, the front matter's `timeout` applies.
+    /// Time limit of this step. When `None`, the front matter's `timeout` applies.
     pub timeout: Option<Duration>,
     /// Whether later steps still run when this one exits non-zero (`continue-on-error`).
     pub continue_on_error: bool,

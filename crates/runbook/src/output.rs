@@ -39,7 +39,7 @@ pub(crate) fn prepare(raw: &[u8], head: usize, tail: usize, dropped: u64) -> Sho
 /// Chooses where to cut output longer than `head + tail` bytes.
 ///
 /// Cuts fall on line boundaries when one is near, so that no line, UTF-8 sequence or escape
-/// sequence is split; otherwise on UTF-8 character boundaries.
+/// sequence is split. Otherwise they fall on UTF-8 character boundaries.
 fn cut_points(raw: &[u8], head: usize, tail: usize) -> Option<(usize, usize)> {
     if raw.len() <= head.saturating_add(tail) {
         return None;

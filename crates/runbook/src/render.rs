@@ -18,7 +18,7 @@ pub const OUTPUT_INFO: &str = "text";
 pub enum StepReport {
     /// The step ran, to its end or until it was stopped.
     Ran {
-        /// Exit code of the step's shell; on a time-out, the code the stopped shell returned.
+        /// Exit code of the step's shell. On a time-out, the code the stopped shell returned.
         exit_code: i32,
         /// Time from start to exit.
         duration: Duration,
@@ -69,8 +69,8 @@ pub fn render(source: &str, document: &Document, results: &[StepReport]) -> Stri
 
 /// Writes the results of a run into `source`, the text that `document` was parsed from.
 ///
-/// `results[i]` is the outcome of `document.steps[i]`; missing entries count as
-/// [`StepReport::Pending`] and extra ones are ignored. Each step's result section is replaced
+/// `results[i]` is the outcome of `document.steps[i]`. Missing entries count as
+/// [`StepReport::Pending`], and extra ones are ignored. Each step's result section is replaced
 /// in place, or inserted right under the step's closing fence when the step has none. No
 /// byte outside result sections changes, except the line ending that joins a new section to
 /// its step.

@@ -22,11 +22,11 @@ pub enum NetworkSetting {
 
 /// Destinations a sandbox may or may not reach, as host names, IP addresses or CIDR ranges.
 ///
-/// Both lists are kept as written; the executor decides how to resolve and enforce them.
+/// Both lists are kept as written, and the executor decides how to resolve and enforce them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkRules {
-    /// Destinations the sandbox may reach; when empty, any destination not denied.
+    /// Destinations the sandbox may reach. When empty, any destination that is not denied.
     pub allow: Vec<String>,
     /// Destinations the sandbox may not reach, even when allowed.
     pub deny: Vec<String>,
