@@ -1,1 +1,119 @@
-fn main() {}
+//! `upstream`: run commands and Markdown turns in hardware-isolated
+//! microVMs.
+
+mod doctor;
+mod exec;
+mod exit;
+mod images;
+mod setup;
+mod terminal;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use upstream_vmm::{DataDir, RuntimeOptions};
+
+use crate::exit::{Exit, Failure};
+
+/// Run commands and Markdown turns in hardware-isolated microVMs.
+#[derive(Parser)]
+#[command(name = "upstream", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prepare the guest kernel, the guest agent and the default base image.
+    Setup(setup::SetupArgs),
+    /// Run one command in a new sandbox and destroy it afterwards.
+    Exec(exec::ExecArgs),
+    /// Report what this host offers and what is missing.
+    Doctor,
+    /// Manage images: pull, import, list, remove, prune.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
+}
+
+/// Options shared by every command that starts sandboxes.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct VmOptions {
+    /// VMM to use: qemu or firecracker (default: firecracker where its
+    /// binary and hardware KVM are present, else qemu).
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+    /// Guest kernel (uncompressed vmlinux) instead of the one from setup.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+}
+
+impl VmOptions {
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            backend: self.backend.clone(),
+            kernel: self.kernel.clone(),
+            agent: None,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let data = DataDir::from_env();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the async runtime failed");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Setup(args) => setup::run(&data, args).await,
+            Command::Exec(args) => exec::run(&data, args).await,
+            Command::Doctor => doctor::run(&data).await,
+            Command::Image(command) => images::run(&data, command).await,
+        }
+    });
+    // Tasks still holding a sandbox are dropped here, which kills its VM. A
+    // blocking read of our stdin may never end, so do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let exit = err
+                .downcast_ref::<Failure>()
+                .map_or(Exit::SandboxFailed, |f| f.exit);
+            eprintln!("upstream: {}", format_chain(&err));
+            ExitCode::from(exit.code())
+        }
+    }
+}
+
+/// The error and its causes on one line each, the causes indented.
+fn format_chain(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(&format!("\n  caused by: {cause}"));
+        }
+    }
+    text
+}
+
+/// Logs go to stderr, filtered by `UPSTREAM_LOG` (default: warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UPSTREAM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Converts a sandbox-core error into a failure with its exit code.
+pub fn vm_failure(err: upstream_vmm::Error) -> anyhow::Error {
+    let exit = exit::classify(&err);
+    anyhow::Error::new(Failure::new(exit, err.to_string()))
+}

@@ -58,7 +58,11 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(kind: FrameKind, stream: u32, payload: Vec<u8>) -> Self {
-        Self { kind, stream, payload }
+        Self {
+            kind,
+            stream,
+            payload,
+        }
     }
 
     /// Encodes a frame whose payload is `value` as JSON.
@@ -74,7 +78,10 @@ impl Frame {
 
     /// Encodes the header for a payload of `len` bytes.
     pub fn header(kind: FrameKind, stream: u32, len: usize) -> [u8; HEADER_LEN] {
-        assert!(len <= MAX_PAYLOAD, "frame payload of {len} bytes exceeds the maximum");
+        assert!(
+            len <= MAX_PAYLOAD,
+            "frame payload of {len} bytes exceeds the maximum"
+        );
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&(len as u32).to_le_bytes());
         header[4] = kind as u8;
@@ -109,7 +116,10 @@ impl std::fmt::Display for FrameError {
             Self::Io(err) => write!(f, "channel I/O failed: {err}"),
             Self::UnknownKind(byte) => write!(f, "unknown frame kind {byte}"),
             Self::TooLarge(len) => {
-                write!(f, "frame payload of {len} bytes exceeds the maximum of {MAX_PAYLOAD}")
+                write!(
+                    f,
+                    "frame payload of {len} bytes exceeds the maximum of {MAX_PAYLOAD}"
+                )
             }
             Self::Json(err) => write!(f, "invalid JSON message: {err}"),
         }
@@ -140,14 +150,22 @@ pub fn read_frame(reader: &mut impl Read) -> Result<Option<Frame>, FrameError> {
     let (kind, stream, len) = Frame::parse_header(&header)?;
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload)?;
-    Ok(Some(Frame { kind, stream, payload }))
+    Ok(Some(Frame {
+        kind,
+        stream,
+        payload,
+    }))
 }
 
 /// Writes one frame with a single `write_all` so frames from several threads
 /// never interleave when the caller holds the writer's lock.
 pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> io::Result<()> {
     let mut buf = Vec::with_capacity(HEADER_LEN + frame.payload.len());
-    buf.extend_from_slice(&Frame::header(frame.kind, frame.stream, frame.payload.len()));
+    buf.extend_from_slice(&Frame::header(
+        frame.kind,
+        frame.stream,
+        frame.payload.len(),
+    ));
     buf.extend_from_slice(&frame.payload);
     writer.write_all(&buf)?;
     writer.flush()

@@ -39,7 +39,11 @@ pub enum Request {
     /// Sets the guest clock and mixes host entropy into the guest's RNG; sent
     /// after a snapshot restore, where both would otherwise repeat the
     /// snapshot's state.
-    Refresh { unix_time_ns: u64, entropy: Vec<u8>, hostname: String },
+    Refresh {
+        unix_time_ns: u64,
+        entropy: Vec<u8>,
+        hostname: String,
+    },
     /// Flushes file systems and powers the guest off.
     Shutdown,
 }
@@ -130,13 +134,21 @@ mod tests {
 
     #[test]
     fn request_json_is_tagged() {
-        let json = serde_json::to_string(&Request::Remove { path: "/tmp/x".into() }).unwrap();
+        let json = serde_json::to_string(&Request::Remove {
+            path: "/tmp/x".into(),
+        })
+        .unwrap();
         assert_eq!(json, r#"{"type":"remove","path":"/tmp/x"}"#);
     }
 
     #[test]
     fn shell_code_of_signal() {
-        let status = ExitStatus { code: None, signal: Some(9), timed_out: false, duration_us: 1 };
+        let status = ExitStatus {
+            code: None,
+            signal: Some(9),
+            timed_out: false,
+            duration_us: 1,
+        };
         assert_eq!(status.shell_code(), 137);
     }
 }

@@ -1,0 +1,86 @@
+//! Exit codes of the `upstream` command.
+//!
+//! `upstream exec` passes the command's own exit code through (0 to 255, with
+//! 128 + N for a command killed by signal N), so upstream's own failures use
+//! codes a command rarely returns, the way `docker run` and `timeout` do.
+
+/// An exit code with its meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `upstream run`: a step failed.
+    StepFailed,
+    /// Invalid usage or an invalid argument value.
+    Usage,
+    /// The host is not ready: no kernel, agent, backend or base image; run
+    /// `upstream setup` or see `upstream doctor`.
+    NotReady,
+    /// The command's timeout expired and the sandbox killed it.
+    Timeout,
+    /// The sandbox itself failed: boot failure, VM crash, agent lost, or an
+    /// internal error of upstream.
+    SandboxFailed,
+    /// The command exists but cannot be executed.
+    CannotExecute,
+    /// The command was not found in the image.
+    CommandNotFound,
+    /// Interrupted by Ctrl-C (SIGINT).
+    Interrupted,
+    /// Terminated by SIGTERM.
+    Terminated,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::StepFailed => 1,
+            Self::Usage => 2,
+            Self::NotReady => 3,
+            Self::Timeout => 124,
+            Self::SandboxFailed => 125,
+            Self::CannotExecute => 126,
+            Self::CommandNotFound => 127,
+            Self::Interrupted => 130,
+            Self::Terminated => 143,
+        }
+    }
+}
+
+/// An error that ends the command with a specific exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Self {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+/// Maps a sandbox-core error to the exit code that describes it.
+pub fn classify(err: &upstream_vmm::Error) -> Exit {
+    use upstream_protocol::ErrorKind;
+    use upstream_vmm::Error as E;
+    match err {
+        E::KernelMissing(_) | E::AgentMissing(_) | E::BackendUnavailable { .. } => Exit::NotReady,
+        E::UnknownBackend(_) | E::OutOfRange { .. } => Exit::Usage,
+        E::Guest {
+            kind: ErrorKind::NotFound,
+            ..
+        } => Exit::CommandNotFound,
+        E::Guest {
+            kind: ErrorKind::PermissionDenied,
+            ..
+        } => Exit::CannotExecute,
+        E::Guest {
+            kind: ErrorKind::InvalidRequest,
+            ..
+        } => Exit::Usage,
+        _ => Exit::SandboxFailed,
+    }
+}

@@ -1,0 +1,120 @@
+//! The backend trait: what every VMM must do for a sandbox.
+//!
+//! A backend starts a VMM for a [`VmSpec`] and hands back the process and a
+//! byte stream to the guest agent. QEMU's stream is a virtio-serial port
+//! behind a Unix socket; Firecracker's is a vsock connection behind its
+//! Unix-socket vsock. Callers see the same [`RunningVm`] either way.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::net::UnixStream;
+
+use crate::Result;
+
+/// The VMMs upstream can drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Qemu,
+    Firecracker,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "qemu" => Ok(Self::Qemu),
+            "firecracker" => Ok(Self::Firecracker),
+            other => Err(crate::Error::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// Everything a backend needs to boot one sandbox's VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// Sandbox id; also the guest's host name.
+    pub id: String,
+    /// The sandbox's private folder: sockets, scratch disk, logs. Removed on
+    /// destroy.
+    pub run_dir: PathBuf,
+    /// Uncompressed ELF kernel (`vmlinux`).
+    pub kernel: PathBuf,
+    /// Initramfs holding only the guest agent, which runs as PID 1.
+    pub initramfs: PathBuf,
+    /// The image's root file system, attached read-only and shared by every
+    /// sandbox of the image.
+    pub root_disk: PathBuf,
+    /// The sandbox's writable disk (ext4), the upper layer of its root.
+    pub scratch_disk: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Kernel parameters beyond the backend's own.
+    pub kernel_args: Vec<String>,
+}
+
+impl VmSpec {
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+}
+
+/// A started VM: its process and the unopened channel to its agent.
+pub struct RunningVm {
+    pub process: Box<dyn VmProcess>,
+    /// Byte stream to the guest agent; the agent's hello arrives on it once
+    /// the guest has booted.
+    pub channel: UnixStream,
+}
+
+/// A running VMM process.
+#[async_trait]
+pub trait VmProcess: Send + Sync {
+    /// The VMM's process id, while it runs.
+    fn pid(&self) -> Option<u32>;
+
+    /// Ends the VMM now (SIGKILL) without waiting; safe to call twice and
+    /// from `Drop`.
+    fn kill(&mut self);
+
+    /// Ends the VMM and waits until it has exited.
+    async fn destroy(&mut self);
+
+    /// Waits until the VMM exits by itself and describes how.
+    async fn wait_exit(&mut self) -> String;
+
+    /// The end of the guest console, for error messages; bounded in size.
+    fn console_tail(&self) -> String;
+}
+
+/// A VMM driver. Implementations are chosen at run time (flag, config or
+/// auto-detection) and callers never see which one runs.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Starts a VM; returns as soon as the VMM runs. The caller waits for
+    /// the agent's hello on the returned channel.
+    async fn start(&self, spec: &VmSpec) -> Result<RunningVm>;
+
+    /// Whether [`Backend::save_snapshot`] and [`Backend::restore`] work.
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+
+    /// Pauses a running VM and writes its state into `dir`.
+    async fn save_snapshot(&self, _vm: &mut dyn VmProcess, _dir: &Path) -> Result<()> {
+        Err(crate::Error::SnapshotUnsupported(self.kind().name()))
+    }
+
+    /// Starts a VM from the state in `dir` instead of booting it.
+    async fn restore(&self, _spec: &VmSpec, _dir: &Path) -> Result<RunningVm> {
+        Err(crate::Error::SnapshotUnsupported(self.kind().name()))
+    }
+}

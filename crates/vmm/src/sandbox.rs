@@ -1,0 +1,284 @@
+//! Sandboxes: one microVM with an agent, created, used and destroyed.
+
+use std::fs;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use upstream_protocol::ExecRequest;
+
+use crate::agent::{AgentClient, ExecHandle};
+use crate::backend::{VmProcess, VmSpec};
+use crate::runtime::Runtime;
+use crate::{disk, sweep, Error, Result};
+
+/// Resource limits of one sandbox, applied by the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Size of the writable disk: everything the sandbox writes outside
+    /// tmpfs mounts counts against it.
+    pub disk_mib: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 2048,
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<()> {
+        check_range("vcpus", self.vcpus, 1, 32, "1 to 32")?;
+        check_range(
+            "memory (MiB)",
+            self.memory_mib,
+            64,
+            262_144,
+            "64 to 262144 MiB",
+        )?;
+        check_range(
+            "disk (MiB)",
+            self.disk_mib,
+            64,
+            4_194_304,
+            "64 to 4194304 MiB",
+        )
+    }
+}
+
+fn check_range(
+    name: &'static str,
+    value: u32,
+    min: u32,
+    max: u32,
+    range: &'static str,
+) -> Result<()> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::OutOfRange {
+            name,
+            value: u64::from(value),
+            range,
+        })
+    }
+}
+
+/// What a sandbox is made of, apart from the runtime.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxSpec {
+    /// The image's read-only root file system (ext4).
+    pub root_disk: PathBuf,
+    /// The image's environment, used by every command unless overridden.
+    pub env: Vec<(String, String)>,
+    /// Default working directory of commands.
+    pub workdir: Option<String>,
+    /// Default user of commands.
+    pub user: Option<String>,
+    pub limits: Limits,
+    /// How long the guest may take to boot before the sandbox fails.
+    pub boot_timeout: Option<Duration>,
+}
+
+/// A running microVM with its agent.
+pub struct Sandbox {
+    id: String,
+    run_dir: PathBuf,
+    process: Box<dyn VmProcess>,
+    agent: AgentClient,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    user: Option<String>,
+    limits: Limits,
+}
+
+impl Sandbox {
+    /// Boots a sandbox and returns once its agent is ready.
+    pub async fn create(runtime: &Runtime, spec: SandboxSpec) -> Result<Self> {
+        spec.limits.validate()?;
+        if !spec.root_disk.is_file() {
+            return Err(Error::Io {
+                context: format!(
+                    "image root file system {} not found",
+                    spec.root_disk.display()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        let id = new_id();
+        let run_dir = runtime.data.run().join(&id);
+        fs::create_dir_all(&run_dir)
+            .map_err(Error::io(format!("creating {}", run_dir.display())))?;
+        // From here on the folder is removed on every error path: the guard
+        // owns it until the sandbox does.
+        let guard = RunDirGuard(Some(run_dir.clone()));
+        fs::write(run_dir.join("owner"), sweep::owner_record())
+            .map_err(Error::io(format!("writing {}", run_dir.display())))?;
+
+        let template = disk::template(&runtime.data.disk_templates(), spec.limits.disk_mib)?;
+        let scratch = run_dir.join("scratch.ext4");
+        disk::copy_sparse(&template, &scratch)?;
+
+        let vm_spec = VmSpec {
+            id: id.clone(),
+            run_dir: run_dir.clone(),
+            kernel: runtime.kernel.clone(),
+            initramfs: runtime.initramfs.clone(),
+            root_disk: spec.root_disk.clone(),
+            scratch_disk: scratch,
+            vcpus: spec.limits.vcpus,
+            memory_mib: spec.limits.memory_mib,
+            kernel_args: Vec::new(),
+        };
+        let started = std::time::Instant::now();
+        let running = runtime.backend.start(&vm_spec).await?;
+        let mut process = running.process;
+        let boot_timeout = spec.boot_timeout.unwrap_or(if runtime.host.is_kvm() {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(120)
+        });
+
+        let agent = tokio::select! {
+            handshake = tokio::time::timeout(boot_timeout, AgentClient::handshake(running.channel)) => {
+                match handshake {
+                    Ok(Ok(agent)) => agent,
+                    Ok(Err(err)) => {
+                        let reason = err.to_string();
+                        process.destroy().await;
+                        return Err(boot_error(&id, reason, process.as_ref()));
+                    }
+                    Err(_) => {
+                        process.destroy().await;
+                        let reason = format!("the guest agent did not start within {boot_timeout:?}");
+                        return Err(boot_error(&id, reason, process.as_ref()));
+                    }
+                }
+            }
+            reason = process.wait_exit() => {
+                return Err(boot_error(&id, reason, process.as_ref()));
+            }
+        };
+        tracing::debug!(sandbox = %id, boot_ms = started.elapsed().as_millis() as u64, "sandbox ready");
+        std::mem::forget(guard);
+
+        Ok(Self {
+            id,
+            run_dir,
+            process,
+            agent,
+            env: spec.env,
+            workdir: spec.workdir,
+            user: spec.user,
+            limits: spec.limits,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The agent connection, for file transfers and other requests.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Completes `request` with the image's defaults and starts it: image
+    /// environment first, then the request's own variables, which win.
+    pub async fn exec(&self, mut request: ExecRequest) -> Result<ExecHandle> {
+        let mut env = self.env.clone();
+        for (key, value) in request.env.drain(..) {
+            env.retain(|(existing, _)| *existing != key);
+            env.push((key, value));
+        }
+        request.env = env;
+        if request.cwd.is_none() {
+            request.cwd = self.workdir.clone();
+        }
+        if request.user.is_none() {
+            request.user = self.user.clone();
+        }
+        self.agent.exec(request).await
+    }
+
+    /// Waits until the VM stops by itself, and says why.
+    pub async fn wait_lost(&mut self) -> Error {
+        let reason = self.process.wait_exit().await;
+        Error::SandboxLost {
+            id: self.id.clone(),
+            reason,
+        }
+    }
+
+    /// The end of the guest console, for diagnosing failures.
+    pub fn console_tail(&self) -> String {
+        self.process.console_tail()
+    }
+
+    /// Kills the VM and removes everything the sandbox had on disk.
+    pub async fn destroy(mut self) {
+        self.process.destroy().await;
+        // Drop removes the folder.
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.process.kill();
+        let _ = fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Removes a run folder unless forgotten.
+struct RunDirGuard(Option<PathBuf>);
+
+impl Drop for RunDirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn boot_error(id: &str, reason: String, process: &dyn VmProcess) -> Error {
+    let tail = process.console_tail();
+    let tail = tail.trim();
+    let console = if tail.is_empty() {
+        String::new()
+    } else {
+        let start = tail.len().saturating_sub(2000);
+        let start = (start..tail.len())
+            .find(|&i| tail.is_char_boundary(i))
+            .unwrap_or(tail.len());
+        format!("\nGuest console:\n{}", &tail[start..])
+    };
+    Error::Boot {
+        id: id.to_string(),
+        reason,
+        console,
+    }
+}
+
+/// A fresh sandbox id: `sb-` and 12 random hex digits.
+fn new_id() -> String {
+    let mut bytes = [0u8; 6];
+    let filled = fs::File::open("/dev/urandom").and_then(|mut file| file.read_exact(&mut bytes));
+    if filled.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes.copy_from_slice(&(nanos as u64 ^ u64::from(std::process::id())).to_le_bytes()[..6]);
+    }
+    format!("sb-{}", hex::encode(bytes))
+}
