@@ -5,7 +5,9 @@
 //! behind a Unix socket; Firecracker's is a vsock connection behind its
 //! Unix-socket vsock. Callers see the same [`RunningVm`] either way.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use async_trait::async_trait;
 use tokio::net::UnixStream;
@@ -70,7 +72,36 @@ pub struct RunningVm {
     pub process: Box<dyn VmProcess>,
     /// Byte stream to the guest agent; the agent's hello arrives on it once
     /// the guest has booted.
-    pub channel: UnixStream,
+    pub channel: AgentChannel,
+}
+
+/// The host end of the agent channel.
+///
+/// QEMU connects to the host's socket as soon as it starts, so its channel
+/// is connected when [`Backend::start`] returns. Under Firecracker the
+/// guest agent dials the host over vsock only once the guest has booted,
+/// so the connection is accepted later, inside the caller's boot timeout.
+pub enum AgentChannel {
+    Connected(UnixStream),
+    /// Resolves when the guest agent connects. It may never resolve if the
+    /// VMM dies first, so callers also watch the process.
+    Pending(Pin<Box<dyn Future<Output = Result<UnixStream>> + Send>>),
+}
+
+impl AgentChannel {
+    /// Waits until the guest agent has connected.
+    pub async fn connect(self) -> Result<UnixStream> {
+        match self {
+            Self::Connected(stream) => Ok(stream),
+            Self::Pending(accept) => accept.await,
+        }
+    }
+}
+
+impl From<UnixStream> for AgentChannel {
+    fn from(stream: UnixStream) -> Self {
+        Self::Connected(stream)
+    }
 }
 
 /// A running VMM process.

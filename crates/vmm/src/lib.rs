@@ -20,7 +20,7 @@ mod sandbox;
 mod sweep;
 
 pub use agent::{AgentClient, ExecEvent, ExecHandle, StdinWriter};
-pub use backend::{Backend, BackendKind, RunningVm, VmProcess, VmSpec};
+pub use backend::{AgentChannel, Backend, BackendKind, RunningVm, VmProcess, VmSpec};
 pub use error::{Error, Result};
 pub use host::{Accel, HostInfo};
 pub use paths::DataDir;

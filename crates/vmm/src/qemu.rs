@@ -196,7 +196,7 @@ impl Backend for QemuBackend {
         };
         Ok(RunningVm {
             process: Box::new(process),
-            channel: agent,
+            channel: agent.into(),
         })
     }
 }

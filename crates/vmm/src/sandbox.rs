@@ -146,7 +146,9 @@ impl Sandbox {
         });
 
         let agent = tokio::select! {
-            handshake = tokio::time::timeout(boot_timeout, AgentClient::handshake(running.channel)) => {
+            handshake = tokio::time::timeout(boot_timeout, async {
+                AgentClient::handshake(running.channel.connect().await?).await
+            }) => {
                 match handshake {
                     Ok(Ok(agent)) => agent,
                     Ok(Err(err)) => {
