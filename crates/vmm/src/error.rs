@@ -65,6 +65,9 @@ pub enum Error {
     #[error("Snapshots are not supported by the {0} backend")]
     SnapshotUnsupported(&'static str),
 
+    #[error(transparent)]
+    Firecracker(#[from] crate::firecracker::FirecrackerError),
+
     #[error("{context}")]
     Io {
         context: String,
