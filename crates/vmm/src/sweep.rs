@@ -79,6 +79,8 @@ fn is_recent(dir: &Path) -> bool {
 
 /// Kills the VMM recorded in `dir` if it still runs. Its command line must
 /// name the folder, so a pid reused by an unrelated process is left alone.
+/// A jailed Firecracker runs inside its chroot, so its command line names
+/// the sandbox only by the `--id=<folder name>` argument of the jailer.
 fn kill_vmm(dir: &Path) -> bool {
     let Some(pid) = fs::read_to_string(dir.join("vmm.pid"))
         .ok()
@@ -87,8 +89,16 @@ fn kill_vmm(dir: &Path) -> bool {
         return false;
     };
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = dir.as_os_str().as_encoded_bytes();
-    if !cmdline.windows(needle.len()).any(|window| window == needle) {
+    let contains = |needle: &[u8]| cmdline.windows(needle.len()).any(|window| window == needle);
+    let jailed_id = dir.file_name().map(|name| {
+        let mut arg = b"--id=".to_vec();
+        arg.extend_from_slice(name.as_encoded_bytes());
+        arg.push(0);
+        arg
+    });
+    let named =
+        contains(dir.as_os_str().as_encoded_bytes()) || jailed_id.is_some_and(|arg| contains(&arg));
+    if !named {
         return false;
     }
     // SAFETY: kill takes no pointers.
@@ -108,6 +118,36 @@ mod tests {
     fn wrong_start_time_is_dead() {
         let record = format!("{} 1", std::process::id());
         assert!(!owner_alive(&record));
+    }
+
+    #[test]
+    fn jailed_vmm_is_found_by_id() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("sb-jailed0123");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("owner"), "999999999 5").unwrap();
+        // A jailed Firecracker's command line names the sandbox only as
+        // `--id=<folder name>`; `sh` keeps that argument as its $0.
+        let mut vmm = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; :", "--id=sb-jailed0123"])
+            .spawn()
+            .unwrap();
+        fs::write(dir.join("vmm.pid"), vmm.id().to_string()).unwrap();
+        // Until `sh` has been executed, the child's command line is ours.
+        let cmdline = format!("/proc/{}/cmdline", vmm.id());
+        for _ in 0..200 {
+            if fs::read_to_string(&cmdline).is_ok_and(|text| text.contains("--id=")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+
+        let report = sweep(root.path());
+
+        assert_eq!(report.vmms_killed, 1);
+        assert_eq!(report.folders, 1);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(vmm.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 
     #[test]

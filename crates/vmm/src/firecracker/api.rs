@@ -19,8 +19,8 @@ use tokio::net::UnixStream;
 
 use super::FirecrackerError;
 
-/// How long a configuration request may take. Firecracker answers them in
-/// well under a millisecond; the margin covers a loaded host.
+/// How long a configuration request may take. Firecracker completes them
+/// in well under a millisecond, and the margin covers a loaded host.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a snapshot request may take: writing or mapping the guest
@@ -62,7 +62,7 @@ impl ApiRequest {
         }
     }
 
-    /// The request as people write it, for messages: `PUT /drives/rootfs`.
+    /// Formats the request for messages: `PUT /drives/rootfs`.
     pub fn describe(&self) -> String {
         format!("{} {}", self.method, self.path)
     }
@@ -193,8 +193,8 @@ impl ApiClient {
     }
 }
 
-/// The `fault_message` of an error body, or the body itself when it is not
-/// Firecracker's error object.
+/// Extracts the `fault_message` of an error body, or returns the body
+/// itself when it is not Firecracker's error object.
 fn fault_message(body: &[u8]) -> String {
     match serde_json::from_slice::<Fault>(body) {
         Ok(fault) => fault.fault_message,
@@ -210,8 +210,8 @@ mod tests {
     use tokio::net::UnixListener;
 
     /// Serves one connection: reads one request and writes `response`.
-    /// Returns the request text. This stands in for Firecracker's error
-    /// paths, which a real process reaches only with broken input.
+    /// Returns the request text. This server replaces Firecracker for its
+    /// error paths, which a real process reaches only with broken input.
     async fn serve_once(listener: UnixListener, response: &'static str) -> String {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut request = Vec::new();

@@ -11,8 +11,8 @@ use serde::Serialize;
 use super::api::ApiRequest;
 
 /// The guest's vsock context id. CIDs 0 to 2 are reserved (2 is the host),
-/// so 3 is the first a guest can have; every VM has its own device, so all
-/// guests can use the same one.
+/// so 3 is the first a guest can have. Every VM has its own vsock device,
+/// so all guests can use the same CID.
 pub const GUEST_CID: u32 = 3;
 
 /// Names of the files in the VMM's working directory.
@@ -28,8 +28,9 @@ pub mod names {
     pub const SNAPSHOT_MEMORY: &str = "snapshot-memory";
 }
 
-/// The Unix socket on which the host accepts the guest's connection to
-/// vsock `port`: Firecracker forwards it to `<uds_path>_<port>`.
+/// Returns the name of the Unix socket on which the host accepts the
+/// guest's connections to vsock `port`. Firecracker forwards them to
+/// `<uds_path>_<port>`.
 pub fn vsock_listener_name(port: u32) -> String {
     format!("{}_{port}", names::VSOCK)
 }
@@ -57,7 +58,7 @@ impl RateLimits {
     }
 }
 
-/// What the boot requests are made from.
+/// The settings the boot requests are built from.
 #[derive(Clone, Debug)]
 pub struct BootConfig {
     pub id: String,
@@ -191,7 +192,7 @@ pub fn logger() -> ApiRequest {
 ///
 /// `reboot=k` makes a guest reboot go through the i8042 keyboard
 /// controller, whose reset line ends the Firecracker process (v1.16.1,
-/// `devices/legacy/i8042.rs`); `panic=1` turns a panic into such a reboot
+/// `devices/legacy/i8042.rs`). `panic=1` turns a panic into such a reboot
 /// after a second. Firecracker has no PCI bus, so `pci=off` skips probing
 /// it. The disks are named by device path because Firecracker's virtio-blk
 /// reports no serial numbers; the drives are attached, and so named by the
@@ -219,7 +220,7 @@ pub fn kernel_cmdline(config: &BootConfig) -> String {
     args.join(" ")
 }
 
-/// The requests that configure a fresh VMM, in order, ending with
+/// Builds the requests that configure a fresh VMM, in order, ending with
 /// `InstanceStart`.
 ///
 /// Both disks are attached with `is_root_device: false`: the kernel runs
@@ -291,7 +292,8 @@ pub fn pause() -> ApiRequest {
     ApiRequest::patch("/vm", &VmState { state: "Paused" })
 }
 
-/// A full snapshot: the device state and a copy of all guest memory.
+/// Requests a full snapshot: the device state and a copy of all guest
+/// memory.
 pub fn snapshot_create() -> ApiRequest {
     ApiRequest::put(
         "/snapshot/create",

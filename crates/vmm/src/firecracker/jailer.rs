@@ -40,7 +40,7 @@ const DEFAULT_ID: u32 = 65534;
 /// The cgroup period for `cpu.max`, in microseconds (the kernel's default).
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// How jailed VMMs are started.
+/// The settings for starting jailed VMMs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Jailer {
     pub binary: PathBuf,
@@ -86,13 +86,13 @@ impl Jailer {
         }))
     }
 
-    /// The folder the jailer builds its chroots in: inside the run folder,
-    /// so removing the sandbox removes the jail.
+    /// Returns the folder the jailer builds its chroots in. It is inside the
+    /// run folder, so removing the sandbox removes the jail.
     pub fn chroot_base(run_dir: &Path) -> PathBuf {
         run_dir.join("jail")
     }
 
-    /// The chroot of sandbox `id`, where the jailer puts it.
+    /// Returns the chroot of sandbox `id`, where the jailer creates it.
     pub fn chroot(firecracker: &Path, run_dir: &Path, id: &str) -> PathBuf {
         let exec_name = firecracker
             .file_name()
@@ -103,7 +103,7 @@ impl Jailer {
             .join("root")
     }
 
-    /// The jailer command that starts Firecracker for sandbox `id`.
+    /// Builds the jailer command that starts Firecracker for sandbox `id`.
     pub fn command(&self, firecracker: &Path, run_dir: &Path, id: &str, vcpus: u32) -> Command {
         let mut command = Command::new(&self.binary);
         command
@@ -174,7 +174,7 @@ fn parse_id(name: &str, value: Option<&str>) -> Result<u32, String> {
     }
 }
 
-/// Where the cgroup v2 hierarchy is mounted, from `/proc/mounts`.
+/// Finds where the cgroup v2 hierarchy is mounted, from `/proc/mounts`.
 fn cgroup2_root() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
     mounts.lines().find_map(|line| {

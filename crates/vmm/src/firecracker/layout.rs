@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 
 use crate::{Error, Result};
 
-/// The files of one VMM, as the host sees them.
+/// The files of one VMM, by their host paths.
 #[derive(Debug)]
 pub struct Layout {
     root: PathBuf,
@@ -50,7 +50,7 @@ impl Layout {
         })
     }
 
-    /// The VMM's working directory on the host.
+    /// Returns the VMM's working directory on the host.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -63,8 +63,8 @@ impl Layout {
     ///
     /// Without a jail a symbolic link does. In a chroot a link would point
     /// outside it, so the file is hard-linked, or copied when it is on
-    /// another file system. Writable files are handed to the jailed user;
-    /// read-only ones must be readable by it already, and a hard link
+    /// another file system. Writable files are handed to the jailed user.
+    /// Read-only ones must be readable by it already, because a hard link
     /// shares the owner and mode of its source.
     pub fn place(&mut self, source: &Path, name: &str, writable: bool) -> Result<()> {
         let target = self.path(name);
@@ -152,8 +152,8 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Rejects socket paths that do not fit `sun_path`, which holds 108 bytes
-/// including the terminating NUL.
+/// Rejects socket paths that do not fit `sun_path`, whose 108 bytes include
+/// the terminating NUL.
 pub fn check_socket_path(path: &Path) -> Result<()> {
     if path.as_os_str().len() > 107 {
         return Err(Error::SocketPathTooLong(path.to_path_buf()));

@@ -1,9 +1,10 @@
 //! The Firecracker backend.
 //!
 //! Each sandbox gets its own `firecracker` process, configured through the
-//! HTTP API on its Unix socket: machine size, the kernel with the agent's
-//! initramfs, the image root (read-only) and the scratch disk as virtio-blk
-//! drives, a vsock device for the agent channel and an entropy device.
+//! HTTP API on its Unix socket. The requests set the machine size, the
+//! kernel with the agent's initramfs, and two virtio-blk drives: the image
+//! root (read-only) and the scratch disk. A vsock device carries the agent
+//! channel, and an entropy device seeds the guest's random numbers.
 //! The guest agent connects to the host's vsock port 1024, which
 //! Firecracker forwards to the Unix socket `v.sock_1024` where the host
 //! listens from before the guest starts. When upstream runs as root and
@@ -57,8 +58,8 @@ pub struct FirecrackerBackend {
 }
 
 impl FirecrackerBackend {
-    /// A backend that runs `binary`, jailed when upstream runs as root and
-    /// the jailer is installed.
+    /// Creates a backend that runs `binary`, jailed when upstream runs as
+    /// root and the jailer is installed.
     pub fn new(binary: PathBuf) -> Self {
         let jailer = Jailer::from_env(&binary);
         Self {
@@ -89,7 +90,7 @@ impl FirecrackerBackend {
         crate::qemu::find_in_path("firecracker")
     }
 
-    /// The jailer in use, if any.
+    /// Returns the jailer in use, if any, or the error in its settings.
     pub fn jailer(&self) -> Result<Option<&Jailer>> {
         match &self.jailer {
             Ok(jailer) => Ok(jailer.as_ref()),
@@ -112,9 +113,9 @@ impl FirecrackerBackend {
         }
     }
 
-    /// The command that starts the VMM. Unjailed, the API socket is given
-    /// by absolute path so the command line names the run folder, which is
-    /// how the sweep recognises a VMM left behind.
+    /// Builds the command that starts the VMM. Unjailed, the API socket is
+    /// given by absolute path, so the command line names the run folder and
+    /// the sweep can recognise a VMM left behind.
     fn command(&self, spec: &VmSpec, layout: &Layout) -> Result<Command> {
         if let Some(jailer) = self.jailer()? {
             return Ok(jailer.command(&self.binary, &spec.run_dir, &spec.id, spec.vcpus));
@@ -233,7 +234,7 @@ async fn accept_agent(listener: UnixListener, path: PathBuf) -> Result<UnixStrea
     Ok(stream)
 }
 
-/// An error and its sources, joined for a one-line reason.
+/// Joins an error and its sources into a one-line reason.
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -68,8 +68,8 @@ impl TailBuffer {
     }
 }
 
-/// What `save_snapshot` needs to know about a running VM, found by its
-/// pid because the trait hands the VM over as `dyn VmProcess`.
+/// The facts `save_snapshot` needs about a running VM. They are looked up
+/// by pid because the trait passes the VM as `dyn VmProcess`.
 #[derive(Clone, Debug)]
 pub struct VmRecord {
     pub api: ApiClient,
@@ -87,6 +87,8 @@ pub type Registry = Arc<Mutex<HashMap<u32, VmRecord>>>;
 pub struct Spawned {
     child: Child,
     pid: Option<u32>,
+    /// `<run_dir>/vmm.pid`, removed once the process is gone.
+    pid_file: PathBuf,
     console: Arc<Mutex<TailBuffer>>,
     stderr: Arc<Mutex<TailBuffer>>,
     stderr_reader: Option<JoinHandle<()>>,
@@ -121,11 +123,11 @@ pub fn spawn(mut command: Command, run_dir: &Path, label: &str) -> Result<Spawne
         source,
     })?;
     let pid = child.id();
+    let pid_file = run_dir.join("vmm.pid");
     if let Some(pid) = pid {
-        let path = run_dir.join("vmm.pid");
-        if let Err(err) = std::fs::write(&path, pid.to_string()) {
+        if let Err(err) = std::fs::write(&pid_file, pid.to_string()) {
             let _ = child.start_kill();
-            return Err(Error::io(format!("writing {}", path.display()))(err));
+            return Err(Error::io(format!("writing {}", pid_file.display()))(err));
         }
     }
 
@@ -141,6 +143,7 @@ pub fn spawn(mut command: Command, run_dir: &Path, label: &str) -> Result<Spawne
     Ok(Spawned {
         child,
         pid,
+        pid_file,
         console,
         stderr,
         stderr_reader: Some(stderr_reader),
@@ -162,6 +165,7 @@ impl Spawned {
     pub async fn kill_for_error(&mut self) -> String {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+        let _ = std::fs::remove_file(&self.pid_file);
         let mut output = self.stderr_text().await;
         let console = self.console.lock().unwrap().text();
         if !console.trim().is_empty() {
@@ -224,6 +228,7 @@ impl FirecrackerProcess {
         self.cleaned = true;
         self.deregister();
         self.layout.remove();
+        let _ = std::fs::remove_file(&self.spawned.pid_file);
         if let Some((jailer, id)) = &self.jail {
             jailer.remove_cgroup(id);
         }
@@ -235,7 +240,7 @@ impl FirecrackerProcess {
         }
     }
 
-    /// Why the guest stopped, read from its console.
+    /// Reads from the console why the guest stopped, if it did.
     fn guest_stop_reason(&self) -> Option<&'static str> {
         let console = self.spawned.console.lock().unwrap().text();
         if console.contains(GUEST_STOP_MARKERS[2]) {
@@ -398,7 +403,7 @@ fn kill_pidfd(fd: &OwnedFd) -> bool {
     rc == 0
 }
 
-/// The last `max` characters of `text`, cut at a character boundary.
+/// Returns the last `max` bytes of `text`, cut at a character boundary.
 fn last_chars(text: &str, max: usize) -> &str {
     let start = text.len().saturating_sub(max);
     let start = (start..text.len())
@@ -463,7 +468,7 @@ mod tests {
         assert_eq!(status, "Firecracker exited (exit status: 1)");
 
         assert_eq!(tail, "\nFirecracker: bad argument");
-        assert!(dir.path().join("vmm.pid").exists());
+        assert!(!dir.path().join("vmm.pid").exists());
     }
 
     #[test]

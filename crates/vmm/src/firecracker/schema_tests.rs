@@ -44,7 +44,7 @@ impl Schema {
         Some(Self { document })
     }
 
-    /// The operation for `request`, matching path templates such as
+    /// Finds the operation for `request`, matching path templates such as
     /// `/drives/{drive_id}` segment by segment.
     fn operation(&self, request: &ApiRequest) -> Option<&Yaml> {
         let method = request.method.as_str().to_ascii_lowercase();
@@ -55,7 +55,7 @@ impl Schema {
         })
     }
 
-    /// The schema of the request's body parameter, if the operation has one.
+    /// Returns the schema of the operation's body parameter, if it has one.
     fn body_schema<'a>(&'a self, operation: &'a Yaml) -> Option<&'a Yaml> {
         operation
             .get("parameters")?
@@ -213,7 +213,7 @@ fn boot_config(limits: RateLimits) -> BootConfig {
     }
 }
 
-/// Every request the backend sends, in each variant it can take.
+/// Builds every request the backend sends, in each variant it can take.
 fn every_request() -> Vec<ApiRequest> {
     let limited = RateLimits {
         disk_bytes_per_sec: Some(100 << 20),

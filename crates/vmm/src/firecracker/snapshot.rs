@@ -1,6 +1,6 @@
 //! The files of a snapshot and the facts it must agree with on restore.
 //!
-//! A snapshot folder holds Firecracker's device state (`vmstate`), the guest
+//! A snapshot folder contains Firecracker's device state (`vmstate`), the guest
 //! memory (`memory`), a copy of the sandbox's scratch disk (`scratch.ext4`)
 //! and `snapshot.json`. The image root is not copied: it is read-only and
 //! shared, so the restoring sandbox must use the same file.
