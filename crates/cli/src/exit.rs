@@ -9,6 +9,10 @@
 pub enum Exit {
     /// `upstream run`: a step failed.
     StepFailed,
+    /// `upstream run --check`: running the document changes its results.
+    CheckFailed,
+    /// `upstream run`: another run holds the document's context.
+    ContextBusy,
     /// Invalid usage or an invalid argument value.
     Usage,
     /// The host is not ready: no kernel, agent, backend or base image; run
@@ -33,6 +37,8 @@ impl Exit {
     pub fn code(self) -> u8 {
         match self {
             Self::StepFailed => 1,
+            Self::CheckFailed => 4,
+            Self::ContextBusy => 5,
             Self::Usage => 2,
             Self::NotReady => 3,
             Self::Timeout => 124,

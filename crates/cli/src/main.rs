@@ -1,10 +1,12 @@
 //! `upstream`: run commands and Markdown turns in hardware-isolated
 //! microVMs.
 
+mod context;
 mod doctor;
 mod exec;
 mod exit;
 mod images;
+mod run;
 mod setup;
 mod terminal;
 
@@ -35,6 +37,11 @@ enum Command {
     /// Manage images: pull, import, list, remove, prune.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Run Markdown turn documents and write each step's result under it.
+    Run(run::RunArgs),
+    /// Inspect and manage contexts: the recorded turns and artifacts.
+    #[command(subcommand)]
+    Context(context::ContextCommand),
 }
 
 /// Options shared by every command that starts sandboxes.
@@ -73,6 +80,8 @@ fn main() -> ExitCode {
             Command::Exec(args) => exec::run(&data, args).await,
             Command::Doctor => doctor::run(&data).await,
             Command::Image(command) => images::run(&data, command).await,
+            Command::Run(args) => run::run(&data, args).await,
+            Command::Context(command) => context::run(&data, command).await,
         }
     });
     // Tasks still holding a sandbox are dropped here, which kills its VM. A
