@@ -42,6 +42,10 @@ pub fn start() {
 fn reap_forever() {
     let reaper = reaper();
     loop {
+        // Read the spawn count before waiting: a spawn between an ECHILD
+        // and the sleep below then changes the count, so its child is not
+        // left unreaped until some later spawn.
+        let seen = reaper.state.lock().unwrap().spawns;
         let mut status = 0;
         // SAFETY: `status` is a valid out-pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
@@ -58,7 +62,6 @@ fn reap_forever() {
             // No children: sleep until the next spawn.
             _ => {
                 let state = reaper.state.lock().unwrap();
-                let seen = state.spawns;
                 let _unused = reaper
                     .changed
                     .wait_while(state, |s| s.spawns == seen)

@@ -77,7 +77,9 @@ impl QemuBackend {
         };
         let mut command = Command::new(&self.binary);
         command
-            .args(["-M", "microvm,acpi=off,pic=off,pit=off,rtc=on"])
+            // The PIC and PIT stay on: without the PIC a guest with more than
+            // one vCPU hangs while bringing up its secondary CPUs.
+            .args(["-M", "microvm,acpi=off,rtc=on"])
             .args(["-accel", accel, "-cpu", cpu])
             .args(["-m", &spec.memory_mib.to_string()])
             .args(["-smp", &spec.vcpus.to_string()])
