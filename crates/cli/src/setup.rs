@@ -48,8 +48,10 @@ pub async fn run(data: &DataDir, args: SetupArgs) -> anyhow::Result<u8> {
     state.agent = Some(agent(data, args.agent.as_deref())?);
     state.save(data).context("saving setup.json")?;
     if !args.skip_base_image {
-        base_image(data)?;
+        let key = hex::encode(Sha256::digest(BASE_IMAGE_SCRIPT));
+        base_image(data, state.base_image_key.as_deref() == Some(key.as_str()))?;
         state.base_image = Some(DEFAULT_IMAGE.to_string());
+        state.base_image_key = Some(key);
         state.save(data).context("saving setup.json")?;
     }
     if !args.skip_check && !args.skip_base_image {
@@ -252,10 +254,12 @@ fn has_interpreter(elf: &[u8]) -> bool {
 }
 
 /// The default base image, built with debootstrap from Debian's packages.
-fn base_image(data: &DataDir) -> anyhow::Result<()> {
+/// A cached one is kept unless `script_unchanged` is false, because the
+/// build script changed since it was built.
+fn base_image(data: &DataDir, script_unchanged: bool) -> anyhow::Result<()> {
     let store = images::open_store(data)?;
     let line = StatusLine::new(format!("Base image '{DEFAULT_IMAGE}'"));
-    if let Some(image) = store.get(DEFAULT_IMAGE)? {
+    if let Some(image) = store.get(DEFAULT_IMAGE)?.filter(|_| script_unchanged) {
         line.finish(&format!("cached ({})", short_digest(&image.digest)));
         return Ok(());
     }

@@ -19,6 +19,10 @@ pub struct SetupState {
     pub kernel: Option<PathBuf>,
     pub agent: Option<PathBuf>,
     pub base_image: Option<String>,
+    /// Hash of the script that built the base image, so a changed script
+    /// rebuilds it.
+    #[serde(default)]
+    pub base_image_key: Option<String>,
 }
 
 impl SetupState {
