@@ -54,6 +54,10 @@ pub struct VmOptions {
     /// Guest kernel (uncompressed vmlinux) instead of the one from setup.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Boot every sandbox instead of restoring it from a snapshot of its
+    /// image (also set by UPSTREAM_SNAPSHOTS=off).
+    #[arg(long)]
+    pub no_snapshots: bool,
 }
 
 impl VmOptions {
@@ -62,6 +66,7 @@ impl VmOptions {
             backend: self.backend.clone(),
             kernel: self.kernel.clone(),
             agent: None,
+            snapshots: self.no_snapshots.then_some(false),
         }
     }
 }

@@ -62,13 +62,30 @@ impl AgentClient {
         let hello: Hello = frame
             .parse()
             .map_err(|err| Error::Protocol(err.to_string()))?;
+        Self::with_halves(read_half, write_half, hello)
+    }
+
+    /// Continues the session of an agent that already sent `hello`, as a
+    /// guest restored from a snapshot has: its agent still has the channel
+    /// open and waits for requests. Returns once the agent answered a ping.
+    pub async fn resume(stream: UnixStream, hello: Hello) -> Result<Self> {
+        let (read_half, write_half) = stream.into_split();
+        let client = Self::with_halves(read_half, write_half, hello)?;
+        client.ping().await?;
+        Ok(client)
+    }
+
+    fn with_halves(
+        read_half: OwnedReadHalf,
+        write_half: OwnedWriteHalf,
+        hello: Hello,
+    ) -> Result<Self> {
         if hello.protocol != PROTOCOL_VERSION {
             return Err(Error::ProtocolMismatch {
                 found: hello.protocol,
                 expected: PROTOCOL_VERSION,
             });
         }
-
         let routes: Routes = Arc::default();
         let reader = tokio::spawn(route_frames(read_half, Arc::clone(&routes)));
         Ok(Self {

@@ -57,6 +57,10 @@ pub struct VmSpec {
     pub scratch_disk: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// A file that backs guest memory and keeps it after the VMM exits, so
+    /// a snapshot can map it later; `None` gives the guest anonymous memory.
+    /// Backends whose snapshots copy memory out (Firecracker) ignore it.
+    pub memory_file: Option<PathBuf>,
     /// Kernel parameters beyond the backend's own.
     pub kernel_args: Vec<String>,
 }
@@ -117,6 +121,12 @@ pub trait VmProcess: Send + Sync {
     /// Ends the VMM and waits until it has exited.
     async fn destroy(&mut self);
 
+    /// Whether the VMM has exited; backends that cannot tell without
+    /// waiting report `false`.
+    fn has_exited(&mut self) -> bool {
+        false
+    }
+
     /// Waits until the VMM exits by itself and describes how.
     async fn wait_exit(&mut self) -> String;
 
@@ -133,6 +143,12 @@ pub trait Backend: Send + Sync {
     /// Starts a VM; returns as soon as the VMM runs. The caller waits for
     /// the agent's hello on the returned channel.
     async fn start(&self, spec: &VmSpec) -> Result<RunningVm>;
+
+    /// Identifies the VMM build, because a snapshot restores only on the
+    /// build that saved it.
+    fn snapshot_tag(&self) -> String {
+        self.kind().name().to_string()
+    }
 
     /// Whether [`Backend::save_snapshot`] and [`Backend::restore`] work.
     fn supports_snapshots(&self) -> bool {

@@ -65,6 +65,19 @@ pub enum Error {
     #[error("Snapshots are not supported by the {0} backend")]
     SnapshotUnsupported(&'static str),
 
+    #[error("Invalid {name}={value}; use {expected}")]
+    InvalidEnv {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
+    #[error("QEMU command {command} failed: {message}")]
+    Qmp { command: String, message: String },
+
+    #[error("Snapshot {dir} is unusable: {reason}; it is rebuilt on next use")]
+    SnapshotInvalid { dir: PathBuf, reason: String },
+
     #[error(transparent)]
     Firecracker(#[from] crate::firecracker::FirecrackerError),
 

@@ -14,9 +14,13 @@ pub mod firecracker;
 pub mod host;
 pub mod initramfs;
 pub mod paths;
+mod pool;
 pub mod qemu;
+mod qemu_snapshot;
+mod qmp;
 mod runtime;
 mod sandbox;
+mod snapshot;
 mod sweep;
 
 pub use agent::{AgentClient, ExecEvent, ExecHandle, StdinWriter};
@@ -24,6 +28,8 @@ pub use backend::{AgentChannel, Backend, BackendKind, RunningVm, VmProcess, VmSp
 pub use error::{Error, Result};
 pub use host::{Accel, HostInfo};
 pub use paths::DataDir;
+pub use pool::{Pool, PoolConfig};
 pub use runtime::{select_backend, Runtime, RuntimeOptions, SetupState};
-pub use sandbox::{Limits, Sandbox, SandboxSpec};
+pub use sandbox::{Limits, Sandbox, SandboxSpec, StartMode};
+pub use snapshot::SnapshotInputs;
 pub use upstream_protocol::{ExecRequest, ExitStatus, Hello};

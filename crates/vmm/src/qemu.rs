@@ -6,6 +6,7 @@
 //! and the serial console on a socket the host reads into a bounded buffer.
 //! KVM is used where the host has hardware virtualisation, TCG elsewhere.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use tokio::process::{Child, Command};
 
 use crate::backend::{Backend, BackendKind, RunningVm, VmProcess, VmSpec};
 use crate::host::{Accel, HostInfo};
-use crate::{Error, Result};
+use crate::{qemu_snapshot as snapshot, Error, Result};
 
 /// How long QEMU may take to connect to the host's sockets after it starts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,11 +30,27 @@ const CONSOLE_KEEP: usize = 16 * 1024;
 pub struct QemuBackend {
     binary: PathBuf,
     host: HostInfo,
+    /// Running VMs by QEMU pid, for `save_snapshot`.
+    registry: Registry,
 }
+
+/// The files of a running VM that a snapshot is made from.
+#[derive(Clone, Debug)]
+pub(crate) struct VmFiles {
+    pub run_dir: PathBuf,
+    pub scratch_disk: PathBuf,
+    pub memory_file: Option<PathBuf>,
+}
+
+type Registry = Arc<Mutex<HashMap<u32, VmFiles>>>;
 
 impl QemuBackend {
     pub fn new(binary: PathBuf, host: HostInfo) -> Self {
-        Self { binary, host }
+        Self {
+            binary,
+            host,
+            registry: Registry::default(),
+        }
     }
 
     /// Finds `qemu-system-x86_64` on `PATH` (or `$UPSTREAM_QEMU`).
@@ -141,11 +158,79 @@ impl Backend for QemuBackend {
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<RunningVm> {
+        let mut command = self.command(spec);
+        if let Some(file) = &spec.memory_file {
+            snapshot::add_memory_file(&mut command, spec.memory_mib, file, true);
+        }
+        let (process, agent) = self.launch(spec, command).await?;
+        Ok(RunningVm {
+            process: Box::new(process),
+            channel: agent.into(),
+        })
+    }
+
+    /// The QEMU binary's path, size and modification time: a snapshot's
+    /// migration stream loads only into the QEMU build that wrote it.
+    fn snapshot_tag(&self) -> String {
+        snapshot::binary_tag(&self.binary)
+    }
+
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    /// Migrates the VM's device state into `dir/state`, moves its memory
+    /// file to `dir/memory` and copies its scratch disk to
+    /// `dir/scratch.ext4`. The VM must have been started with a
+    /// [`VmSpec::memory_file`]; it is destroyed afterwards.
+    async fn save_snapshot(&self, vm: &mut dyn VmProcess, dir: &Path) -> Result<()> {
+        let files = vm
+            .pid()
+            .and_then(|pid| self.registry.lock().unwrap().get(&pid).cloned())
+            .ok_or_else(|| Error::SnapshotInvalid {
+                dir: dir.to_path_buf(),
+                reason: "the VM is not a running QEMU VM of this backend".into(),
+            })?;
+        snapshot::save(vm, &files, dir).await
+    }
+
+    /// Starts QEMU with the memory of `dir/memory` mapped copy-on-write and
+    /// loads the device state from `dir/state`; the guest continues where
+    /// the snapshot was taken, with its agent channel still open.
+    async fn restore(&self, spec: &VmSpec, dir: &Path) -> Result<RunningVm> {
+        snapshot::check_files(dir)?;
+        crate::disk::copy_sparse(&dir.join(snapshot::SCRATCH_FILE), &spec.scratch_disk)?;
+        let mut command = self.command(spec);
+        snapshot::add_memory_file(
+            &mut command,
+            spec.memory_mib,
+            &dir.join(snapshot::MEMORY_FILE),
+            false,
+        );
+        command.args(["-incoming", "defer"]);
+        let (mut process, agent) = self.launch(spec, command).await?;
+        if let Err(err) = snapshot::load_state(spec, dir).await {
+            process.destroy().await;
+            return Err(err);
+        }
+        Ok(RunningVm {
+            process: Box::new(process),
+            channel: agent.into(),
+        })
+    }
+}
+
+impl QemuBackend {
+    /// Spawns QEMU and accepts its agent and console connections.
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        mut command: Command,
+    ) -> Result<(QemuProcess, UnixStream)> {
         // Listen before QEMU starts so its connection cannot race the bind.
         let agent_listener = bind(&spec.socket_path("agent.sock"))?;
         let console_listener = bind(&spec.socket_path("console.sock"))?;
 
-        let mut command = self.command(spec);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -191,15 +276,21 @@ impl Backend for QemuBackend {
 
         let console_buffer = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(read_console(console, Arc::clone(&console_buffer)));
+        if let Some(pid) = pid {
+            let files = VmFiles {
+                run_dir: spec.run_dir.clone(),
+                scratch_disk: spec.scratch_disk.clone(),
+                memory_file: spec.memory_file.clone(),
+            };
+            self.registry.lock().unwrap().insert(pid, files);
+        }
         let process = QemuProcess {
             child,
             pid,
             console: console_buffer,
+            registry: Arc::clone(&self.registry),
         };
-        Ok(RunningVm {
-            process: Box::new(process),
-            channel: agent.into(),
-        })
+        Ok((process, agent))
     }
 }
 
@@ -254,6 +345,15 @@ struct QemuProcess {
     child: Child,
     pid: Option<u32>,
     console: Arc<Mutex<Vec<u8>>>,
+    registry: Registry,
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            self.registry.lock().unwrap().remove(&pid);
+        }
+    }
 }
 
 #[async_trait]
@@ -269,6 +369,10 @@ impl VmProcess for QemuProcess {
     async fn destroy(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+    }
+
+    fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     async fn wait_exit(&mut self) -> String {

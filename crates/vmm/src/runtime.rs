@@ -51,6 +51,9 @@ pub struct RuntimeOptions {
     pub backend: Option<String>,
     pub kernel: Option<PathBuf>,
     pub agent: Option<PathBuf>,
+    /// Whether sandboxes start from snapshots; `None` reads
+    /// `UPSTREAM_SNAPSHOTS` (`on` or `off`, default on).
+    pub snapshots: Option<bool>,
 }
 
 /// Everything needed to create sandboxes on this host.
@@ -60,6 +63,9 @@ pub struct Runtime {
     pub backend: Arc<dyn Backend>,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// Whether [`crate::Sandbox::create`] restores sandboxes from snapshots
+    /// where the backend supports them.
+    pub snapshots: bool,
 }
 
 impl Runtime {
@@ -84,6 +90,10 @@ impl Runtime {
             return Err(Error::AgentMissing(agent));
         }
         let initramfs = initramfs::ensure(&data.agents(), &agent)?;
+        let snapshots = match options.snapshots {
+            Some(on) => on,
+            None => snapshots_from_env()?,
+        };
 
         let host = HostInfo::detect();
         let backend = select_backend(options.backend.as_deref(), &host)?;
@@ -107,7 +117,24 @@ impl Runtime {
             backend,
             kernel,
             initramfs,
+            snapshots,
         })
+    }
+}
+
+/// Reads `UPSTREAM_SNAPSHOTS`: snapshots are on unless it says off.
+fn snapshots_from_env() -> Result<bool> {
+    let Ok(value) = std::env::var("UPSTREAM_SNAPSHOTS") else {
+        return Ok(true);
+    };
+    match value.to_ascii_lowercase().as_str() {
+        "" | "on" | "1" | "true" | "yes" => Ok(true),
+        "off" | "0" | "false" | "no" => Ok(false),
+        _ => Err(Error::InvalidEnv {
+            name: "UPSTREAM_SNAPSHOTS",
+            value,
+            expected: "on or off",
+        }),
     }
 }
 

@@ -2,15 +2,15 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use upstream_protocol::ExecRequest;
+use upstream_protocol::{ExecRequest, Hello};
 
 use crate::agent::{AgentClient, ExecHandle};
-use crate::backend::{VmProcess, VmSpec};
+use crate::backend::{AgentChannel, RunningVm, VmProcess, VmSpec};
 use crate::runtime::Runtime;
-use crate::{disk, sweep, Error, Result};
+use crate::{disk, snapshot, sweep, Error, Result};
 
 /// Resource limits of one sandbox, applied by the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +86,25 @@ pub struct SandboxSpec {
     pub boot_timeout: Option<Duration>,
 }
 
+/// How a sandbox's VM was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    /// The guest booted from its kernel.
+    ColdBoot,
+    /// The guest was restored from a snapshot of a booted guest.
+    Snapshot,
+}
+
+/// How [`Sandbox::launch`] starts the VM.
+pub(crate) enum Launch<'a> {
+    /// Boot the kernel; with a memory file when the VM is to be saved as a
+    /// snapshot.
+    Boot { memory_file: Option<PathBuf> },
+    /// Restore the snapshot in `dir`, whose agent sent `hello` when it was
+    /// saved.
+    Restore { dir: &'a Path, hello: Box<Hello> },
+}
+
 /// A running microVM with its agent.
 pub struct Sandbox {
     id: String,
@@ -96,21 +115,32 @@ pub struct Sandbox {
     workdir: Option<String>,
     user: Option<String>,
     limits: Limits,
+    start_mode: StartMode,
 }
 
 impl Sandbox {
-    /// Boots a sandbox and returns once its agent is ready.
+    /// Creates a sandbox and returns once its agent is ready: restored from
+    /// the snapshot of its image and shape when the runtime has snapshots
+    /// on and the backend supports them, else booted.
     pub async fn create(runtime: &Runtime, spec: SandboxSpec) -> Result<Self> {
-        spec.limits.validate()?;
-        if !spec.root_disk.is_file() {
-            return Err(Error::Io {
-                context: format!(
-                    "image root file system {} not found",
-                    spec.root_disk.display()
-                ),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            });
+        check_spec(&spec)?;
+        if runtime.snapshots && runtime.backend.supports_snapshots() {
+            return snapshot::start(runtime, spec).await;
         }
+        Self::launch(runtime, spec, Launch::Boot { memory_file: None }).await
+    }
+
+    /// Boots a sandbox from its kernel, without snapshots.
+    pub async fn boot(runtime: &Runtime, spec: SandboxSpec) -> Result<Self> {
+        check_spec(&spec)?;
+        Self::launch(runtime, spec, Launch::Boot { memory_file: None }).await
+    }
+
+    pub(crate) async fn launch(
+        runtime: &Runtime,
+        spec: SandboxSpec,
+        launch: Launch<'_>,
+    ) -> Result<Self> {
         let id = new_id();
         let run_dir = runtime.data.run().join(&id);
         fs::create_dir_all(&run_dir)
@@ -121,9 +151,17 @@ impl Sandbox {
         fs::write(run_dir.join("owner"), sweep::owner_record())
             .map_err(Error::io(format!("writing {}", run_dir.display())))?;
 
-        let template = disk::template(&runtime.data.disk_templates(), spec.limits.disk_mib)?;
         let scratch = run_dir.join("scratch.ext4");
-        disk::copy_sparse(&template, &scratch)?;
+        let memory_file = match &launch {
+            Launch::Boot { memory_file } => {
+                let template =
+                    disk::template(&runtime.data.disk_templates(), spec.limits.disk_mib)?;
+                disk::copy_sparse(&template, &scratch)?;
+                memory_file.clone()
+            }
+            // The backend copies the snapshot's scratch disk.
+            Launch::Restore { .. } => None,
+        };
 
         let vm_spec = VmSpec {
             id: id.clone(),
@@ -134,21 +172,26 @@ impl Sandbox {
             scratch_disk: scratch,
             vcpus: spec.limits.vcpus,
             memory_mib: spec.limits.memory_mib,
+            memory_file,
             kernel_args: Vec::new(),
         };
-        let started = std::time::Instant::now();
-        let running = runtime.backend.start(&vm_spec).await?;
-        let mut process = running.process;
+        let started = Instant::now();
+        let running = match &launch {
+            Launch::Boot { .. } => runtime.backend.start(&vm_spec).await?,
+            Launch::Restore { dir, .. } => runtime.backend.restore(&vm_spec, dir).await?,
+        };
+        let RunningVm {
+            mut process,
+            channel,
+        } = running;
         let boot_timeout = spec.boot_timeout.unwrap_or(if runtime.host.is_kvm() {
             Duration::from_secs(30)
         } else {
             Duration::from_secs(120)
         });
 
-        let agent = tokio::select! {
-            handshake = tokio::time::timeout(boot_timeout, async {
-                AgentClient::handshake(running.channel.connect().await?).await
-            }) => {
+        let (agent, start_mode) = tokio::select! {
+            handshake = tokio::time::timeout(boot_timeout, connect_agent(channel, &launch, &id)) => {
                 match handshake {
                     Ok(Ok(agent)) => agent,
                     Ok(Err(err)) => {
@@ -167,7 +210,12 @@ impl Sandbox {
                 return Err(boot_error(&id, reason, process.as_ref()));
             }
         };
-        tracing::debug!(sandbox = %id, boot_ms = started.elapsed().as_millis() as u64, "sandbox ready");
+        tracing::debug!(
+            sandbox = %id,
+            mode = ?start_mode,
+            start_ms = started.elapsed().as_millis() as u64,
+            "sandbox ready"
+        );
         std::mem::forget(guard);
 
         Ok(Self {
@@ -179,11 +227,36 @@ impl Sandbox {
             workdir: spec.workdir,
             user: spec.user,
             limits: spec.limits,
+            start_mode,
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether the VM booted or was restored from a snapshot.
+    pub fn start_mode(&self) -> StartMode {
+        self.start_mode
+    }
+
+    /// The VMM process, for saving a snapshot of it.
+    pub(crate) fn process_mut(&mut self) -> &mut dyn VmProcess {
+        self.process.as_mut()
+    }
+
+    /// Replaces the defaults that commands inherit: environment, working
+    /// directory and user. A pool hands out sandboxes created for another
+    /// spec of the same image and shape.
+    pub(crate) fn set_command_defaults(&mut self, spec: &SandboxSpec) {
+        self.env = spec.env.clone();
+        self.workdir = spec.workdir.clone();
+        self.user = spec.user.clone();
+    }
+
+    /// Whether the VM still runs and its agent channel is open.
+    pub fn is_alive(&mut self) -> bool {
+        self.agent.is_connected() && !self.process.has_exited()
     }
 
     pub fn limits(&self) -> Limits {
@@ -239,6 +312,46 @@ impl Drop for Sandbox {
         self.process.kill();
         let _ = fs::remove_dir_all(&self.run_dir);
     }
+}
+
+/// Checks the limits and that the image root exists.
+fn check_spec(spec: &SandboxSpec) -> Result<()> {
+    spec.limits.validate()?;
+    if !spec.root_disk.is_file() {
+        return Err(Error::Io {
+            context: format!(
+                "image root file system {} not found",
+                spec.root_disk.display()
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    Ok(())
+}
+
+/// Opens the agent session of a started VM. A booted agent sends its hello;
+/// a restored one continues the session of its snapshot, so it is asked
+/// to respond and then refreshed: clock, RNG and host name would otherwise
+/// repeat the snapshot's. An agent that dials the host (vsock) after the
+/// restore sends a fresh hello instead.
+async fn connect_agent(
+    channel: AgentChannel,
+    launch: &Launch<'_>,
+    id: &str,
+) -> Result<(AgentClient, StartMode)> {
+    let hello = match launch {
+        Launch::Boot { .. } => {
+            let agent = AgentClient::handshake(channel.connect().await?).await?;
+            return Ok((agent, StartMode::ColdBoot));
+        }
+        Launch::Restore { hello, .. } => hello,
+    };
+    let agent = match channel {
+        AgentChannel::Connected(stream) => AgentClient::resume(stream, (**hello).clone()).await?,
+        pending => AgentClient::handshake(pending.connect().await?).await?,
+    };
+    agent.refresh(snapshot::host_entropy()?, id).await?;
+    Ok((agent, StartMode::Snapshot))
 }
 
 /// Removes a run folder unless forgotten.

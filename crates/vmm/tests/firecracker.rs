@@ -102,6 +102,7 @@ impl Fixture {
             scratch_disk: scratch,
             vcpus: 1,
             memory_mib: 128,
+            memory_file: None,
             kernel_args: Vec::new(),
         }
     }
