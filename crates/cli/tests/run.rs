@@ -124,7 +124,7 @@ fn failing_step_stops_the_turn() {
         written.contains("**Result:** not run (an earlier step failed)"),
         "{written}"
     );
-    assert!(!written.contains("never\n```"), "{written}");
+    assert!(!written.contains("```text\nnever"), "{written}");
     assert!(written.contains("*Output shortened: "), "{written}");
     assert!(written.contains("of 5000000 bytes left out.*"), "{written}");
     assert!(

@@ -312,13 +312,18 @@ impl Run<'_> {
             workdir: None,
             user: image.config.user.clone().filter(|user| !user.is_empty()),
             limits: self.plan.limits,
-            boot_timeout: None,
+            network: self.plan.network.clone(),
+            publish: self.plan.publish.clone(),
+            ..SandboxSpec::default()
         };
         let sandbox = tokio::select! {
             sandbox = Sandbox::create(&self.runner.runtime, spec) => sandbox?,
             () = cancel.cancelled() => return Ok(TurnOutcomeKind::Interrupted),
         };
         tracing::debug!(sandbox = sandbox.id(), turn = %self.guard.id(), "sandbox ready");
+        for port in sandbox.published_ports() {
+            tracing::info!(sandbox = sandbox.id(), guest_port = port.guest, host = %port.host, "port published");
+        }
         let outcome = self
             .in_sandbox(&sandbox, &image, progress, events, cancel)
             .await;
