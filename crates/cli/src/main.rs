@@ -6,9 +6,13 @@ mod doctor;
 mod exec;
 mod exit;
 mod images;
+mod keys;
 mod run;
+mod sandbox;
+mod serve;
 mod setup;
 mod terminal;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +46,15 @@ enum Command {
     /// Inspect and manage contexts: the recorded turns and artifacts.
     #[command(subcommand)]
     Context(context::ContextCommand),
+    /// Serve the HTTP API for sandboxes, runs and contexts (default 127.0.0.1:7878).
+    Serve(serve::ServeArgs),
+    /// Manage the API keys of `upstream serve`: create, list, revoke.
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
+    /// Create, use, list and destroy sandboxes of a running `upstream serve`.
+    Sandbox(sandbox::SandboxArgs),
+    /// Report the vCPU-seconds, GiB-seconds and wall time of the server's sandboxes.
+    Usage(usage::UsageArgs),
 }
 
 /// Options shared by every command that starts sandboxes.
@@ -87,6 +100,10 @@ fn main() -> ExitCode {
             Command::Image(command) => images::run(&data, command).await,
             Command::Run(args) => run::run(&data, args).await,
             Command::Context(command) => context::run(&data, command).await,
+            Command::Serve(args) => serve::run(&data, args).await,
+            Command::Key(command) => keys::run(&data, command),
+            Command::Sandbox(args) => sandbox::run(args).await,
+            Command::Usage(args) => usage::run(&data, args),
         }
     });
     // Tasks still holding a sandbox are dropped here, which kills its VM. A
