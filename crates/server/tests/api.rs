@@ -35,9 +35,9 @@ async fn three_call_flow() {
     assert_eq!(result.shell_code(), Some(0));
     assert_eq!(sandbox.state, api::SandboxState::Running);
     assert!(sandbox.boot_secs > 0.0);
-    let gone = client.get_sandbox(&sandbox.id).await.unwrap_err();
-    assert_eq!(gone.status(), Some(404));
-    assert_eq!(gone.code(), Some("sandbox_not_found"));
+    let after_destroy = client.get_sandbox(&sandbox.id).await.unwrap_err();
+    assert_eq!(after_destroy.status(), Some(404));
+    assert_eq!(after_destroy.code(), Some("sandbox_not_found"));
     assert!(server.run_folders().is_empty());
 
     let data = server.stop().await;
@@ -227,7 +227,7 @@ async fn file_round_trip_is_binary_safe() {
         .await
         .unwrap();
     let id = &sandbox.id;
-    // 10 MB of every byte value, in an order that repeats only every 251 bytes.
+    // 10 MB of varied bytes that include every value from 0 to 255.
     let data: Vec<u8> = (0..10_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) % 251) as u8 ^ (i >> 8) as u8)
         .collect();
@@ -390,4 +390,76 @@ async fn keys_scope_and_limit_sandboxes() {
     // Shutdown destroys the sandbox that is still running.
     let data = server.stop().await;
     assert!(support::run_folders(data.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_records_turn_and_artifacts() {
+    let Some(server) = TestServer::start(|_| {}).await else {
+        return;
+    };
+    let document = "---\nimage: base\n---\n# Turn\n\n```sh\necho 42 > \"$UPSTREAM_ARTIFACTS/result.txt\"\necho done\n```\n";
+
+    let run = server
+        .client
+        .submit_run(&api::SubmitRun {
+            document: document.to_string(),
+            context: Some("api-test".into()),
+            new_context: false,
+        })
+        .await
+        .unwrap();
+
+    assert_eq!(run.outcome, "succeeded", "{}", run.document);
+    assert_eq!(run.context, "api-test");
+    assert!(
+        run.document.contains("**Result:** exit 0"),
+        "{}",
+        run.document
+    );
+    assert!(run.document.contains("done"));
+    let http = reqwest::Client::new();
+    let context: serde_json::Value = http
+        .get(server.url("/v1/contexts/api-test"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(context["turns"].as_array().unwrap().len(), 1);
+    let artifacts: serde_json::Value = http
+        .get(server.url("/v1/contexts/api-test/artifacts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(artifacts["artifacts"][0]["name"], "result.txt");
+    let content = http
+        .get(server.url("/v1/contexts/api-test/artifacts/result.txt"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(content, "42\n");
+    let missing = http
+        .get(server.url("/v1/contexts/no-such-context"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    let invalid = server
+        .client
+        .submit_run(&api::SubmitRun {
+            document: "---\nvcpus: lots\n---\n".to_string(),
+            ..api::SubmitRun::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.status(), Some(400));
+    server.stop().await;
 }
