@@ -136,9 +136,11 @@ impl Db {
 
     /// Creates a key with a fresh random secret.
     pub fn create_key(&self, name: &str, max_sandboxes: Option<u32>) -> Result<NewKey, DbError> {
-        let random = random_hex(22);
-        let id = format!("key_{}", &random[..12]);
-        let secret = format!("upk_{}_{}", &random[..12], &random[12..]);
+        // The id part is public (it names the key in listings); the 256 random bits after
+        // it are the secret.
+        let id_part = random_hex(12);
+        let id = format!("key_{id_part}");
+        let secret = format!("upk_{id_part}_{}", random_hex(64));
         let record = KeyRecord {
             id: id.clone(),
             name: name.to_string(),
@@ -392,6 +394,18 @@ mod tests {
         db.revoke_key(&key.record.id).unwrap();
         assert!(db.authenticate(&key.secret).unwrap().is_none());
         assert!(!db.has_active_keys().unwrap());
+    }
+
+    #[test]
+    fn key_secret_has_256_random_bits() {
+        let (_dir, db) = open();
+        let key = db.create_key("ci", None).unwrap();
+        let secret = key.secret.rsplit('_').next().unwrap();
+        assert_eq!(secret.len(), 64);
+        assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+        assert!(key
+            .secret
+            .starts_with(&format!("upk_{}_", &key.record.id[4..])));
     }
 
     #[test]
