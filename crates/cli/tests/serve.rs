@@ -65,7 +65,7 @@ impl ServeProcess {
     }
 
     /// Waits for the server to exit and returns its exit code.
-    fn wait(mut self) -> Option<i32> {
+    fn wait(&mut self) -> Option<i32> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -77,6 +77,22 @@ impl ServeProcess {
     }
 }
 
+impl Drop for ServeProcess {
+    /// Stops a server that a failed assertion left running, so no test leaks VMs.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            send_signal(&self.child, libc::SIGTERM);
+            let stopped = eventually(Duration::from_secs(30), || {
+                matches!(self.child.try_wait(), Ok(Some(_)))
+            });
+            if !stopped {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
 fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -84,7 +100,7 @@ fn repository() -> PathBuf {
 #[test]
 fn python_sdk_against_server() {
     let Some(home) = Home::new() else { return };
-    let server = ServeProcess::start(&home);
+    let mut server = ServeProcess::start(&home);
     let sdk = repository().join("sdk/python");
 
     let output = Command::new("python3")
@@ -107,7 +123,7 @@ fn python_sdk_against_server() {
 #[test]
 fn sigterm_destroys_every_sandbox() {
     let Some(home) = Home::new() else { return };
-    let server = ServeProcess::start(&home);
+    let mut server = ServeProcess::start(&home);
 
     let created = server.sandbox(&home, &["create", "--metadata", "team=a"]);
     assert!(created.status.success(), "{}", text(&created.stderr));
@@ -120,10 +136,9 @@ fn sigterm_destroys_every_sandbox() {
     assert!(!home.vmm_processes().is_empty());
 
     send_signal(&server.child, libc::SIGTERM);
-    let stderr_handle = Arc::clone(&server.stderr);
     assert_eq!(server.wait(), Some(0));
 
-    let log = stderr_handle.lock().unwrap().clone();
+    let log = server.stderr();
     assert!(log.contains("shutting down"), "{log}");
     assert!(home.vmm_processes().is_empty(), "a VM outlived the server");
     assert!(home.run_folders().is_empty());
@@ -139,14 +154,14 @@ fn sigterm_destroys_every_sandbox() {
 #[test]
 fn kill_9_then_restart_leaves_no_vm() {
     let Some(home) = Home::new() else { return };
-    let server = ServeProcess::start(&home);
+    let mut server = ServeProcess::start(&home);
     let created = server.sandbox(&home, &["create"]);
     assert!(created.status.success(), "{}", text(&created.stderr));
     let id = text(&created.stdout).trim().to_string();
 
     send_signal(&server.child, libc::SIGKILL);
     server.wait();
-    let restarted = ServeProcess::start(&home);
+    let mut restarted = ServeProcess::start(&home);
 
     assert!(
         eventually(Duration::from_secs(10), || home.vmm_processes().is_empty()),
