@@ -80,6 +80,10 @@ pub fn boot() -> io::Result<BootConfig> {
         set_hostname(&hostname)?;
     }
     bring_up_loopback();
+    if let Some(net) = param("upstream.net") {
+        let config = crate::net::NetConfig::parse(&net, param("upstream.dns").as_deref())?;
+        crate::net::configure(&config)?;
+    }
 
     let channel = match param("upstream.channel").as_deref() {
         Some("vsock") => ChannelSpec::Vsock(upstream_protocol::VSOCK_PORT),

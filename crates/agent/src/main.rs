@@ -10,6 +10,7 @@ mod channel;
 mod exec;
 mod files;
 mod init;
+mod net;
 mod reaper;
 mod server;
 mod users;
@@ -17,6 +18,10 @@ mod users;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("net-relay") {
+        return ExitCode::from(net::relay_main(&args[2..]) as u8);
+    }
     let boot = if std::process::id() == 1 {
         match init::boot() {
             Ok(boot) => boot,

@@ -1,5 +1,7 @@
 //! `upstream exec`: one command in a fresh sandbox.
 
+pub mod network;
+
 use std::io::Write;
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub struct ExecArgs {
     /// Working directory of the command (default: the image's).
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<String>,
+    #[command(flatten)]
+    network: network::NetworkArgs,
     #[command(flatten)]
     vm: VmOptions,
     /// The command and its arguments.
@@ -72,6 +76,10 @@ pub async fn run(data: &DataDir, args: ExecArgs) -> anyhow::Result<u8> {
         disk_mib: args.disk,
     };
     limits.validate().map_err(vm_failure)?;
+    let network_policy = args
+        .network
+        .policy()
+        .map_err(|err| Failure::new(Exit::Usage, err.to_string()))?;
     let runtime = Runtime::open(data.clone(), args.vm.runtime_options()).map_err(vm_failure)?;
     let image = images::resolve(data, &args.image).await?;
     let spec = SandboxSpec {
@@ -85,6 +93,8 @@ pub async fn run(data: &DataDir, args: ExecArgs) -> anyhow::Result<u8> {
         user: image.config.user.clone().filter(|user| !user.is_empty()),
         limits,
         boot_timeout: None,
+        network: network_policy,
+        publish: args.network.publish(),
     };
 
     // Ctrl-C or SIGTERM while booting or running: the sandbox is dropped on
@@ -94,6 +104,7 @@ pub async fn run(data: &DataDir, args: ExecArgs) -> anyhow::Result<u8> {
         sandbox = Sandbox::create(&runtime, spec) => sandbox.map_err(vm_failure)?,
         exit = signals.recv() => return Err(Failure::new(exit, "interrupted while booting").into()),
     };
+    network::print_published(&sandbox);
 
     let stdin_piped = !terminal::is_terminal(0);
     let request = ExecRequest {

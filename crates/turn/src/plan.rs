@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use upstream_runbook::{Document, NetworkSetting};
-use upstream_vmm::Limits;
+use upstream_vmm::{Limits, NetworkPolicy, PortForward};
 
 use crate::error::TurnError;
 use crate::guest;
@@ -34,6 +34,9 @@ pub(crate) struct TurnPlan {
     pub carry_workspace: bool,
     /// Context named by the front matter.
     pub context: Option<String>,
+    pub network: NetworkPolicy,
+    /// Guest ports published on the host (`publish`).
+    pub publish: Vec<PortForward>,
 }
 
 impl TurnPlan {
@@ -48,23 +51,22 @@ impl TurnPlan {
             message,
         };
 
-        match &front.network {
-            None | Some(NetworkSetting::Off) => {}
-            Some(_) => {
-                return Err(invalid(
-                    "`network` is set, but networking is not available in sandboxes yet; \
-                     remove the key or write `network: off`"
-                        .to_owned(),
-                ))
+        let network = match &front.network {
+            None | Some(NetworkSetting::Off) => NetworkPolicy::off(),
+            Some(NetworkSetting::On) => NetworkPolicy::internet(),
+            Some(NetworkSetting::Rules(rules)) => {
+                NetworkPolicy::rules(&rules.allow, &rules.deny)
+                    .map_err(|error| invalid(format!("invalid `network` rule: {error}")))?
             }
-        }
-        if !front.publish.is_empty() {
-            return Err(invalid(
-                "`publish` is set, but publishing ports needs networking, which is not \
-                 available in sandboxes yet; remove the key"
-                    .to_owned(),
-            ));
-        }
+        };
+        let publish = front
+            .publish
+            .iter()
+            .map(|port| PortForward {
+                guest: port.get(),
+                host: None,
+            })
+            .collect();
         if let Some(other) = front.carry.iter().find(|item| *item != CARRY_WORKSPACE) {
             return Err(invalid(format!(
                 "unknown `carry` item `{other}`; the only supported item is `workspace`"
@@ -119,6 +121,8 @@ impl TurnPlan {
             artifact_globs: front.artifacts.clone(),
             carry_workspace: front.carry.iter().any(|item| item == CARRY_WORKSPACE),
             context: front.context.first().cloned(),
+            network,
+            publish,
         })
     }
 }
@@ -200,16 +204,33 @@ mod tests {
     }
 
     #[test]
-    fn network_on_is_rejected() {
-        let message = plan("network: on").unwrap_err().to_string();
-        assert!(message.contains("networking is not available"), "{message}");
-        assert!(plan("network: off").is_ok());
+    fn network_settings_become_a_policy() {
+        assert_eq!(plan("network: off").unwrap().network, NetworkPolicy::off());
+        assert_eq!(
+            plan("network: on").unwrap().network,
+            NetworkPolicy::internet()
+        );
+        let rules = plan("network: {allow: [pypi.org], deny: ['10.0.0.0/8']}").unwrap();
+        assert_eq!(rules.network.allow.len(), 1);
+        assert_eq!(rules.network.deny.len(), 1);
     }
 
     #[test]
-    fn publish_is_rejected() {
-        let message = plan("publish: [8080]").unwrap_err().to_string();
-        assert!(message.contains("publishing ports"), "{message}");
+    fn invalid_network_rule_is_rejected() {
+        let message = plan("network: {allow: ['a b']}").unwrap_err().to_string();
+        assert!(message.contains("`a b`"), "{message}");
+    }
+
+    #[test]
+    fn publish_is_read() {
+        let plan = plan("publish: [8080]").unwrap();
+        assert_eq!(
+            plan.publish,
+            [PortForward {
+                guest: 8080,
+                host: None
+            }]
+        );
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct VmSpec {
     pub memory_file: Option<PathBuf>,
     /// Kernel parameters beyond the backend's own.
     pub kernel_args: Vec<String>,
+    /// The guest's network device; `None` attaches none.
+    pub network: Option<crate::net::VmNetwork>,
 }
 
 impl VmSpec {
@@ -139,6 +141,11 @@ pub trait VmProcess: Send + Sync {
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
+
+    /// Whether [`VmSpec::network`] is supported.
+    fn supports_network(&self) -> bool {
+        false
+    }
 
     /// Starts a VM; returns as soon as the VMM runs. The caller waits for
     /// the agent's hello on the returned channel.

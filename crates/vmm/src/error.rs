@@ -81,6 +81,12 @@ pub enum Error {
     #[error(transparent)]
     Firecracker(#[from] crate::firecracker::FirecrackerError),
 
+    #[error(
+        "Networking is not available with the {0} backend yet; use --backend qemu or run \
+         without network access and published ports"
+    )]
+    NetworkUnsupported(&'static str),
+
     #[error("{context}")]
     Io {
         context: String,

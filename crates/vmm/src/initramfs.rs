@@ -20,10 +20,11 @@ pub fn ensure(dir: &Path, agent: &Path) -> Result<PathBuf> {
     let hash = hex::encode(Sha256::digest(&binary));
     let folder = dir.join(&hash[..16]);
     let path = folder.join("initramfs.cpio");
+    fs::create_dir_all(&folder).map_err(Error::io(format!("creating {}", folder.display())))?;
+    install_agent_copy(&agent_beside(&path), &binary)?;
     if path.exists() {
         return Ok(path);
     }
-    fs::create_dir_all(&folder).map_err(Error::io(format!("creating {}", folder.display())))?;
     let temp = folder.join(format!(".initramfs.{}.tmp", std::process::id()));
     let mut out = io::BufWriter::new(
         fs::File::create(&temp).map_err(Error::io(format!("creating {}", temp.display())))?,
@@ -33,6 +34,26 @@ pub fn ensure(dir: &Path, agent: &Path) -> Result<PathBuf> {
         .map_err(|err| Error::io(format!("writing {}", temp.display()))(err.into_error()))?;
     fs::rename(&temp, &path).map_err(Error::io(format!("renaming {}", temp.display())))?;
     Ok(path)
+}
+
+/// The copy of the agent binary kept beside `initramfs`. QEMU runs it on
+/// the host as the network relay (`upstream-agent net-relay`), so a sandbox
+/// needs no other helper binary.
+pub fn agent_beside(initramfs: &Path) -> PathBuf {
+    initramfs.with_file_name("upstream-agent")
+}
+
+fn install_agent_copy(path: &Path, binary: &[u8]) -> Result<()> {
+    if fs::metadata(path).is_ok_and(|meta| meta.len() == binary.len() as u64) {
+        return Ok(());
+    }
+    let temp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let write = || -> io::Result<()> {
+        fs::write(&temp, binary)?;
+        fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        fs::rename(&temp, path)
+    };
+    write().map_err(Error::io(format!("writing {}", path.display())))
 }
 
 fn write_archive(out: &mut impl Write, agent: &[u8]) -> io::Result<()> {

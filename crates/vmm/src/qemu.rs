@@ -134,6 +134,9 @@ impl QemuBackend {
                 "unix:{},server=on,wait=off",
                 spec.socket_path("qmp.sock").display()
             ));
+        if let Some(network) = &spec.network {
+            command.args(crate::net::qemu::netdev_args(network));
+        }
         command
     }
 }
@@ -155,6 +158,10 @@ fn drive(id: &str, file: &Path, read_only: bool) -> String {
 impl Backend for QemuBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
+    }
+
+    fn supports_network(&self) -> bool {
+        true
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<RunningVm> {

@@ -9,6 +9,7 @@ use upstream_protocol::{ExecRequest, Hello};
 
 use crate::agent::{AgentClient, ExecHandle};
 use crate::backend::{AgentChannel, RunningVm, VmProcess, VmSpec};
+use crate::net::{self, NetworkPolicy, NetworkStats, PortForward, PublishedPort};
 use crate::runtime::Runtime;
 use crate::{disk, snapshot, sweep, Error, Result};
 
@@ -84,6 +85,18 @@ pub struct SandboxSpec {
     pub limits: Limits,
     /// How long the guest may take to boot before the sandbox fails.
     pub boot_timeout: Option<Duration>,
+    /// Outbound network access; none by default.
+    pub network: NetworkPolicy,
+    /// Guest ports to publish on the host's loopback.
+    pub publish: Vec<PortForward>,
+}
+
+impl SandboxSpec {
+    /// Whether the sandbox gets a network device: for outbound access or
+    /// for published ports.
+    pub fn wants_network(&self) -> bool {
+        self.network.egress || !self.publish.is_empty()
+    }
 }
 
 /// How a sandbox's VM was started.
@@ -108,6 +121,8 @@ pub(crate) enum Launch<'a> {
 /// A running microVM with its agent.
 pub struct Sandbox {
     id: String,
+    /// The host side of the network; dropped after the VM is killed.
+    network: Option<net::SandboxNetwork>,
     run_dir: PathBuf,
     process: Box<dyn VmProcess>,
     agent: AgentClient,
@@ -124,7 +139,8 @@ impl Sandbox {
     /// on and the backend supports them, else booted.
     pub async fn create(runtime: &Runtime, spec: SandboxSpec) -> Result<Self> {
         check_spec(&spec)?;
-        if runtime.snapshots && runtime.backend.supports_snapshots() {
+        // A snapshot's guest booted without this sandbox's network.
+        if runtime.snapshots && runtime.backend.supports_snapshots() && !spec.wants_network() {
             return snapshot::start(runtime, spec).await;
         }
         Self::launch(runtime, spec, Launch::Boot { memory_file: None }).await
@@ -151,6 +167,12 @@ impl Sandbox {
         fs::write(run_dir.join("owner"), sweep::owner_record())
             .map_err(Error::io(format!("writing {}", run_dir.display())))?;
 
+        if spec.wants_network() && !runtime.backend.supports_network() {
+            return Err(Error::NetworkUnsupported(runtime.backend.kind().name()));
+        }
+        let relay = crate::initramfs::agent_beside(&runtime.initramfs);
+        let network = net::prepare(&id, &run_dir, &spec.network, &spec.publish, &relay)?;
+
         let scratch = run_dir.join("scratch.ext4");
         let memory_file = match &launch {
             Launch::Boot { memory_file } => {
@@ -173,7 +195,8 @@ impl Sandbox {
             vcpus: spec.limits.vcpus,
             memory_mib: spec.limits.memory_mib,
             memory_file,
-            kernel_args: Vec::new(),
+            kernel_args: network.kernel_args.clone(),
+            network: network.vm.clone(),
         };
         let started = Instant::now();
         let running = match &launch {
@@ -220,10 +243,11 @@ impl Sandbox {
 
         Ok(Self {
             id,
+            env: network.merge_env(spec.env),
+            network: network.network,
             run_dir,
             process,
             agent,
-            env: spec.env,
             workdir: spec.workdir,
             user: spec.user,
             limits: spec.limits,
@@ -233,6 +257,21 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Guest ports published on the host, with the address to connect to.
+    pub fn published_ports(&self) -> &[PublishedPort] {
+        self.network
+            .as_ref()
+            .map_or(&[], |network| network.published())
+    }
+
+    /// Counters of the sandbox's outbound traffic; zero without egress.
+    pub fn network_stats(&self) -> NetworkStats {
+        self.network
+            .as_ref()
+            .map(net::SandboxNetwork::stats)
+            .unwrap_or_default()
     }
 
     /// Whether the VM booted or was restored from a snapshot.

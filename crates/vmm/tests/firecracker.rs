@@ -104,6 +104,7 @@ impl Fixture {
             memory_mib: 128,
             memory_file: None,
             kernel_args: Vec::new(),
+            network: None,
         }
     }
 }
