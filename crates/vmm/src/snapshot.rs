@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use upstream_protocol::Hello;
 
+use crate::backend::BackendKind;
 use crate::runtime::Runtime;
 use crate::sandbox::{Launch, Sandbox, SandboxSpec};
 use crate::{Error, Result};
@@ -107,6 +108,13 @@ fn mtime_ns(meta: &fs::Metadata) -> i128 {
 /// snapshot first when there is none. Any snapshot problem falls back to a
 /// cold boot with a warning.
 pub(crate) async fn start(runtime: &Runtime, spec: SandboxSpec) -> Result<Sandbox> {
+    // NOTE: Firecracker resets the guest's vsock connections when it saves
+    // a snapshot, and the guest agent does not dial the host again yet, so
+    // a restored Firecracker guest never answers. Until the agent redials,
+    // Firecracker sandboxes boot.
+    if runtime.backend.kind() == BackendKind::Firecracker {
+        return Sandbox::boot(runtime, spec).await;
+    }
     let inputs = match SnapshotInputs::of(runtime, &spec) {
         Ok(inputs) => inputs,
         Err(err) => {
