@@ -105,6 +105,11 @@ impl Pool {
     /// one when none is ready; either way the pool then refills. The
     /// sandbox belongs to the caller, who destroys it after use.
     pub async fn acquire(&self, spec: SandboxSpec) -> Result<Sandbox> {
+        // A network is set up at boot, so pooled sandboxes have none, and a
+        // sandbox that needs one is created for its own spec.
+        if spec.wants_network() {
+            return Sandbox::create(&self.shared.runtime, spec).await;
+        }
         let key = PoolKey::of(&spec);
         loop {
             let Some(mut sandbox) = self.take_ready(&key, &spec) else {
