@@ -243,7 +243,14 @@ async fn snapshot_saves_and_restores() {
     let info: Value = api.get("/").await.unwrap();
     assert_eq!(info["state"], "Running");
     let config: Value = api.get("/vm/config").await.unwrap();
-    assert_eq!(config["drives"][1]["path_on_host"], "scratch-disk");
+    // A loaded snapshot lists its drives in no fixed order: find by id.
+    let scratch = config["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|drive| drive["drive_id"] == "scratch")
+        .expect("the restored VM has a scratch drive");
+    assert_eq!(scratch["path_on_host"], "scratch-disk");
     assert_eq!(
         std::fs::read(&restored_spec.scratch_disk).unwrap(),
         b"written by the guest"
