@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+use upstream_protocol::ExecRequest;
 
 use crate::runtime::Runtime;
 use crate::sandbox::{Sandbox, SandboxSpec};
@@ -191,9 +192,9 @@ impl Drop for Pool {
     }
 }
 
-/// What a refill task does next.
+/// The next action of a refill task.
 enum Step {
-    Create(SandboxSpec),
+    Create(Box<SandboxSpec>),
     Wait(Duration),
     Stop(Vec<Sandbox>),
 }
@@ -217,9 +218,10 @@ async fn refill(shared: Arc<Shared>, key: PoolKey, wake: Arc<Notify>) {
                     _ = closed.changed() => {}
                 }
             }
-            Step::Create(spec) => match Sandbox::create(&shared.runtime, spec).await {
+            Step::Create(spec) => match Sandbox::create(&shared.runtime, *spec).await {
                 Ok(sandbox) => {
                     backoff = Duration::from_millis(500);
+                    warm_up(&sandbox).await;
                     if let Some(unwanted) = store(&shared, &key, sandbox) {
                         unwanted.destroy().await;
                     }
@@ -242,6 +244,24 @@ async fn refill(shared: Arc<Shared>, key: PoolKey, wake: Arc<Notify>) {
     }
 }
 
+/// Runs one command in a new sandbox before it is pooled, so the
+/// acquirer's first command does not pay for it. Under TCG the first
+/// process a restored guest starts costs hundreds of milliseconds, because
+/// a new QEMU translates the guest's fork and exec paths afresh.
+async fn warm_up(sandbox: &Sandbox) {
+    let request = ExecRequest {
+        argv: vec!["true".into()],
+        ..ExecRequest::default()
+    };
+    let result = match sandbox.exec(request).await {
+        Ok(handle) => handle.collect().await.map(drop),
+        Err(err) => Err(err),
+    };
+    if let Err(err) = result {
+        tracing::debug!(sandbox = %sandbox.id(), error = %err, "warming up a pooled sandbox failed");
+    }
+}
+
 fn next_step(shared: &Shared, key: &PoolKey) -> Step {
     let mut slots = shared.slots.lock().unwrap();
     if *shared.closed.borrow() {
@@ -261,7 +281,7 @@ fn next_step(shared: &Shared, key: &PoolKey) -> Step {
         return Step::Stop(slot.ready.into());
     }
     if slot.ready.len() < shared.config.size {
-        return Step::Create(slot.spec.clone());
+        return Step::Create(Box::new(slot.spec.clone()));
     }
     Step::Wait(shared.config.idle_timeout - idle)
 }
