@@ -43,13 +43,17 @@ async fn destroy_checked(vm: &TestVm, sandbox: Sandbox) {
     assert!(!run_dir.exists(), "{} is left behind", run_dir.display());
 }
 
-fn leftover_temp_dirs(snapshots: &Path) -> Vec<String> {
-    std::fs::read_dir(snapshots)
+/// Temporary folders left next to the snapshot of `limits`. Other tests
+/// save their own snapshots in parallel, so only this key's count.
+fn leftover_temp_dirs(vm: &TestVm, limits: Limits) -> Vec<String> {
+    let snapshot = snapshot_dir(vm, limits);
+    let key = snapshot.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(vm.data.snapshots())
         .map(|entries| {
             entries
                 .flatten()
                 .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with(".tmp-") || name.contains(".removing-"))
+                .filter(|name| name.contains(&key) && name != &key && !name.ends_with(".lock"))
                 .collect()
         })
         .unwrap_or_default()
@@ -110,10 +114,7 @@ async fn restored_clones_are_unique() {
 
     destroy_checked(&vm, first).await;
     destroy_checked(&vm, second).await;
-    assert_eq!(
-        leftover_temp_dirs(&vm.data.snapshots()),
-        Vec::<String>::new()
-    );
+    assert_eq!(leftover_temp_dirs(&vm, limits), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -191,10 +192,7 @@ async fn concurrent_first_starts_both_succeed() {
     assert!(snapshot_dir(&vm, limits).join("snapshot.json").is_file());
     destroy_checked(&vm, one).await;
     destroy_checked(&vm, two).await;
-    assert_eq!(
-        leftover_temp_dirs(&vm.data.snapshots()),
-        Vec::<String>::new()
-    );
+    assert_eq!(leftover_temp_dirs(&vm, limits), Vec::<String>::new());
 }
 
 /// Starts a VM of the base image through the backend alone, so the test
