@@ -42,6 +42,12 @@ pub struct ServeArgs {
     /// Output kept per command, in MiB; older output is dropped past it.
     #[arg(long, value_name = "MiB", default_value_t = 16)]
     max_output: u64,
+    /// Ready sandboxes the warm pool keeps per image and shape (0: no pool).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pool_size: usize,
+    /// Empty a pool that handed out nothing for this long, such as 5m.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::exec::parse_duration)]
+    pool_idle: std::time::Duration,
     #[command(flatten)]
     vm: VmOptions,
 }
@@ -57,6 +63,8 @@ pub async fn run(data: &DataDir, args: ServeArgs) -> anyhow::Result<u8> {
             max_sandboxes: args.max_sandboxes,
             max_sandboxes_per_key: args.max_sandboxes_per_key,
             max_output_bytes: args.max_output * MIB,
+            pool_size: args.pool_size,
+            pool_idle_timeout: args.pool_idle,
             ..ManagerConfig::default()
         },
         runtime: args.vm.runtime_options(),

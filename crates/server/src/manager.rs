@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use upstream_client::api;
 use upstream_image::{ImageStore, NoProgress};
 use upstream_protocol::ExecRequest;
-use upstream_vmm::{Limits, Runtime, Sandbox, SandboxSpec};
+use upstream_vmm::{Limits, Pool, PoolConfig, Runtime, Sandbox, SandboxSpec};
 
 use crate::db::{Db, KeyRecord, UsageStart};
 use crate::metrics::Metrics;
@@ -36,6 +36,11 @@ pub struct ManagerConfig {
     pub max_output_bytes: u64,
     /// Image used when a create request names none.
     pub default_image: String,
+    /// Ready sandboxes kept per image and shape by the warm pool; 0 turns
+    /// the pool off, so every create boots or restores its own sandbox.
+    pub pool_size: usize,
+    /// A pool that handed out nothing for this long is emptied.
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -45,6 +50,8 @@ impl Default for ManagerConfig {
             max_sandboxes_per_key: 8,
             max_output_bytes: 16 << 20,
             default_image: "base".into(),
+            pool_size: 0,
+            pool_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -253,6 +260,8 @@ pub struct SandboxManager {
     config: ManagerConfig,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     slots: Arc<Mutex<Slots>>,
+    /// Ready sandboxes, each handed out once; `None` when the pool is off.
+    pool: Option<Pool>,
     /// Fires when the server stops: running commands end and no sandbox may be created.
     shutdown: CancellationToken,
 }
@@ -265,7 +274,16 @@ impl SandboxManager {
         metrics: Arc<Metrics>,
         config: ManagerConfig,
     ) -> Arc<Self> {
+        let pool = (config.pool_size > 0).then(|| {
+            let pool_config = PoolConfig {
+                size: config.pool_size,
+                idle_timeout: config.pool_idle_timeout,
+                ..PoolConfig::default()
+            };
+            Pool::new(Arc::clone(&runtime), pool_config)
+        });
         Arc::new(Self {
+            pool,
             runtime,
             images,
             db,
@@ -387,8 +405,14 @@ impl SandboxManager {
                 limits: action.limits,
                 ..SandboxSpec::default()
             };
+            let create = async {
+                match &self.pool {
+                    Some(pool) => pool.acquire(spec).await,
+                    None => Sandbox::create(&self.runtime, spec).await,
+                }
+            };
             tokio::select! {
-                sandbox = Sandbox::create(&self.runtime, spec) => Ok(sandbox?),
+                sandbox = create => Ok(sandbox?),
                 _ = self.shutdown.cancelled() => Err(ManagerError::ShuttingDown),
             }
         }
@@ -611,6 +635,9 @@ impl SandboxManager {
             .iter()
             .map(|id| self.destroy_entry(id, "server_shutdown"));
         futures_util::future::join_all(destroys).await;
+        if let Some(pool) = &self.pool {
+            pool.shutdown().await;
+        }
         if !ids.is_empty() {
             tracing::info!(count = ids.len(), "destroyed every sandbox at shutdown");
         }
