@@ -18,4 +18,4 @@ UPSTREAM_HOME=$UPSTREAM_TEST_HOME target/debug/upstream setup \
   --agent target/x86_64-unknown-linux-gnu/release/upstream-agent
 
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+cargo test --workspace --no-fail-fast

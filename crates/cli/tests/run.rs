@@ -316,13 +316,18 @@ fn bad_front_matter_leaves_document_untouched() {
 }
 
 #[test]
-fn network_setting_is_rejected() {
+fn invalid_network_rule_is_rejected() {
     let home = Home::without_vm();
-    home.document("net.md", "---\nnetwork: on\n---\n\n```bash\necho hi\n```\n");
+    let source = "---\nnetwork:\n  allow: [\"10.0.0.0/99\"]\n---\n\n```bash\necho hi\n```\n";
+    let doc = home.document("net.md", source);
     let output = home.run(&["run", "net.md"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("networking is not available"), "{stderr}");
+    assert!(
+        stderr.contains("`10.0.0.0/99` is not a CIDR range"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_to_string(&doc).unwrap(), source);
 }
 
 #[test]
