@@ -76,6 +76,15 @@ impl Frame {
         serde_json::from_slice(&self.payload).map_err(FrameError::Json)
     }
 
+    /// Encodes the header and payload into one buffer, so a single write
+    /// sends the whole frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        buf.extend_from_slice(&Self::header(self.kind, self.stream, self.payload.len()));
+        buf.extend_from_slice(&self.payload);
+        buf
+    }
+
     /// Encodes the header for a payload of `len` bytes.
     pub fn header(kind: FrameKind, stream: u32, len: usize) -> [u8; HEADER_LEN] {
         assert!(
@@ -160,14 +169,7 @@ pub fn read_frame(reader: &mut impl Read) -> Result<Option<Frame>, FrameError> {
 /// Writes one frame with a single `write_all` so frames from several threads
 /// never interleave when the caller holds the writer's lock.
 pub fn write_frame(writer: &mut impl Write, frame: &Frame) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(HEADER_LEN + frame.payload.len());
-    buf.extend_from_slice(&Frame::header(
-        frame.kind,
-        frame.stream,
-        frame.payload.len(),
-    ));
-    buf.extend_from_slice(&frame.payload);
-    writer.write_all(&buf)?;
+    writer.write_all(&frame.encode())?;
     writer.flush()
 }
 

@@ -67,7 +67,7 @@ impl AgentClient {
 
     /// Continues the session of an agent that already sent `hello`, as a
     /// guest restored from a snapshot has: its agent still has the channel
-    /// open and waits for requests. Returns once the agent answered a ping.
+    /// open and waits for requests. Returns once the agent has replied to a ping.
     pub async fn resume(stream: UnixStream, hello: Hello) -> Result<Self> {
         let (read_half, write_half) = stream.into_split();
         let client = Self::with_halves(read_half, write_half, hello)?;
@@ -420,13 +420,7 @@ impl Drop for ExecHandle {
 }
 
 async fn send_frame(writer: &tokio::sync::Mutex<OwnedWriteHalf>, frame: Frame) -> Result<()> {
-    let mut buf = Vec::with_capacity(HEADER_LEN + frame.payload.len());
-    buf.extend_from_slice(&Frame::header(
-        frame.kind,
-        frame.stream,
-        frame.payload.len(),
-    ));
-    buf.extend_from_slice(&frame.payload);
+    let buf = frame.encode();
     let mut writer = writer.lock().await;
     writer.write_all(&buf).await.map_err(|_| channel_closed())
 }

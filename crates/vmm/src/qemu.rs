@@ -324,7 +324,7 @@ async fn start_failed(spec: &VmSpec, child: &mut Child, reason: String) -> Error
 }
 
 fn bind(path: &Path) -> Result<UnixListener> {
-    // sun_path holds 108 bytes including the terminating NUL.
+    // sun_path is 108 bytes long, including the terminating NUL.
     if path.as_os_str().len() > 107 {
         return Err(Error::SocketPathTooLong(path.to_path_buf()));
     }

@@ -325,7 +325,7 @@ impl Sandbox {
         self.agent.exec(request).await
     }
 
-    /// Waits until the VM stops by itself, and says why.
+    /// Waits until the VM stops by itself and returns the reason as an error.
     pub async fn wait_lost(&mut self) -> Error {
         let reason = self.process.wait_exit().await;
         Error::SandboxLost {
