@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -186,7 +186,10 @@ fn refresh(unix_time_ns: u64, entropy: &[u8], hostname: &str) -> Response {
 }
 
 /// Adds bytes to the kernel's input pool and credits them (RNDADDENTROPY),
-/// which also forces a reseed of the output generator.
+/// then reseeds the output generator (RNDRESEEDCRNG). Crediting alone is not
+/// enough: once the generator is initialised, Linux reseeds it only when its
+/// key is older than a minute, so two clones restored within that minute
+/// would read the same bytes from /dev/urandom.
 fn add_entropy(entropy: &[u8]) -> io::Result<()> {
     if entropy.is_empty() {
         return Ok(());
@@ -213,9 +216,13 @@ fn add_entropy(entropy: &[u8]) -> io::Result<()> {
     // SAFETY: `info` matches struct rand_pool_info with a 256-byte buffer.
     let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &info) };
     if rc != 0 {
-        // Without CAP_SYS_ADMIN, mixing in without credit still changes the
-        // output stream.
-        (&random).write_all(&entropy[..len])?;
+        return Err(io::Error::last_os_error());
+    }
+    // RNDRESEEDCRNG = _IO('R', 0x07)
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: the request takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
