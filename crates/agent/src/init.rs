@@ -15,6 +15,14 @@ pub enum ChannelSpec {
     UnixSocket(String),
 }
 
+impl ChannelSpec {
+    /// Whether the agent opens the connection, and so can open it again
+    /// after it breaks. A virtio-serial port is opened once and stays.
+    pub fn dials(&self) -> bool {
+        matches!(self, Self::Vsock(_) | Self::UnixSocket(_))
+    }
+}
+
 /// Settings read from `upstream.*` parameters of the kernel command line.
 pub struct BootConfig {
     pub channel: ChannelSpec,

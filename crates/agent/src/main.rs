@@ -38,7 +38,10 @@ fn main() -> ExitCode {
         Err(err) => fail(&format!("opening the host channel failed: {err}")),
     };
     reaper::start();
-    match server::serve(channel) {
+    let reopen = || channel::open(&boot);
+    let redial: Option<&dyn Fn() -> std::io::Result<channel::Channel>> =
+        boot.channel.dials().then_some(&reopen);
+    match server::serve(channel, redial) {
         Ok(()) => {}
         Err(err) => eprintln!("upstream-agent: channel closed: {err}"),
     }

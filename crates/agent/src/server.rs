@@ -40,6 +40,20 @@ impl Shared {
         write_frame(&mut *writer, frame)
     }
 
+    /// Ends the session: kills its running commands and drops unfinished
+    /// uploads. Their threads hold this session's writer, whose channel is
+    /// closed, so nothing they still send reaches a later session.
+    fn end(&self) {
+        for exec in self.execs.lock().unwrap().values() {
+            if exec.pid > 0 {
+                // SAFETY: kill takes no pointers; a negative pid names the
+                // command's process group.
+                unsafe { libc::kill(-exec.pid, libc::SIGKILL) };
+            }
+        }
+        self.uploads.lock().unwrap().clear();
+    }
+
     pub fn respond(&self, stream: u32, response: &Response) {
         let _ = self.send(&Frame::json(FrameKind::Response, stream, response));
     }
@@ -49,8 +63,34 @@ impl Shared {
     }
 }
 
-/// Serves requests until the host closes the channel.
-pub fn serve(channel: Channel) -> io::Result<()> {
+/// Serves sessions until the host closes the channel for good.
+///
+/// A session is one connection: it starts with the agent's hello and ends
+/// when the channel does. With `redial`, the agent then opens a new channel
+/// and starts a new session. Firecracker needs this: restoring a snapshot
+/// resets the guest's vsock device, which breaks the connection the agent
+/// made before the snapshot, and the restored VM's host listens for a new
+/// one. Without `redial`, or when it fails, the first ending is final.
+pub fn serve(
+    mut channel: Channel,
+    redial: Option<&dyn Fn() -> io::Result<Channel>>,
+) -> io::Result<()> {
+    loop {
+        let ended = serve_session(channel);
+        let Some(redial) = redial else {
+            return ended;
+        };
+        match &ended {
+            Ok(()) => eprintln!("upstream-agent: the host closed the channel; dialing again"),
+            Err(err) => eprintln!("upstream-agent: the host channel failed ({err}); dialing again"),
+        }
+        channel = redial()?;
+    }
+}
+
+/// Serves one session. Its commands are killed when it ends: the next
+/// session's host does not know them, and would reuse their stream ids.
+fn serve_session(channel: Channel) -> io::Result<()> {
     let mut reader = channel.try_clone()?;
     let shared = Arc::new(Shared {
         writer: Mutex::new(channel),
@@ -64,14 +104,15 @@ pub fn serve(channel: Channel) -> io::Result<()> {
     };
     shared.send(&Frame::json(FrameKind::Hello, 0, &hello))?;
 
-    loop {
-        let frame = match read_frame(&mut reader) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(()),
-            Err(err) => return Err(io::Error::other(err.to_string())),
-        };
-        dispatch(&shared, frame);
-    }
+    let ended = loop {
+        match read_frame(&mut reader) {
+            Ok(Some(frame)) => dispatch(&shared, frame),
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(io::Error::other(err.to_string())),
+        }
+    };
+    shared.end();
+    ended
 }
 
 fn dispatch(shared: &Arc<Shared>, frame: Frame) {
@@ -187,9 +228,9 @@ fn refresh(unix_time_ns: u64, entropy: &[u8], hostname: &str) -> Response {
 
 /// Adds bytes to the kernel's input pool and credits them (RNDADDENTROPY),
 /// then reseeds the output generator (RNDRESEEDCRNG). Crediting alone is not
-/// enough: once the generator is initialised, Linux reseeds it only when its
-/// key is older than a minute, so two clones restored within that minute
-/// would read the same bytes from /dev/urandom.
+/// enough: once the generator is initialised, Linux 6.1 reseeds it only when
+/// its key is older than the reseed interval (one second after boot, growing
+/// to a minute), so clones restored within it read the same bytes.
 fn add_entropy(entropy: &[u8]) -> io::Result<()> {
     if entropy.is_empty() {
         return Ok(());
