@@ -95,6 +95,7 @@ pub async fn run(data: &DataDir, args: ExecArgs) -> anyhow::Result<u8> {
         boot_timeout: None,
         network: network_policy,
         publish: args.network.publish(),
+        background: false,
     };
 
     // Ctrl-C or SIGTERM while booting or running: the sandbox is dropped on

@@ -119,6 +119,24 @@ pub async fn sh_with(
         .expect("collecting a command's output")
 }
 
+/// The nice value of every thread of process `pid`, from field 19 of
+/// `/proc/PID/task/TID/stat`.
+pub fn thread_nice_values(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // The command name in parentheses may contain spaces, so count
+            // fields from the last parenthesis: field 3 comes right after it.
+            let after_name = &stat[stat.rfind(')')? + 1..];
+            after_name.split_whitespace().nth(19 - 3)?.parse().ok()
+        })
+        .collect()
+}
+
 /// Pids of processes whose command line mentions `dir`: the VMMs of the
 /// sandboxes whose run folder it is.
 pub fn processes_mentioning(dir: &Path) -> Vec<u32> {

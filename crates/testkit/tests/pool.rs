@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use upstream_testkit::{processes_mentioning, require_vm, sh};
+use upstream_testkit::{processes_mentioning, require_vm, sh, thread_nice_values};
 use upstream_vmm::{Limits, Pool, PoolConfig, Runtime, RuntimeOptions};
 
 async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
@@ -44,6 +44,22 @@ async fn pool_hands_out_refills_and_shrinks() {
     })
     .await;
 
+    // As root, refills run at background priority (nice 10) until taken.
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let pooled_nice: Vec<i32> = processes_mentioning(&vm.data.run())
+        .into_iter()
+        .filter(|&pid| !processes_mentioning(&vm.run_dir(&first)).contains(&pid))
+        .flat_map(thread_nice_values)
+        .collect();
+    assert!(!pooled_nice.is_empty(), "no pooled VMM threads found");
+    if root {
+        assert!(
+            pooled_nice.iter().all(|&nice| nice == 10),
+            "{pooled_nice:?}"
+        );
+    }
+
     spec.env.push(("POOLED".into(), "yes".into()));
     let started = Instant::now();
     let second = pool.acquire(spec.clone()).await.unwrap();
@@ -54,6 +70,15 @@ async fn pool_hands_out_refills_and_shrinks() {
         acquire_time < Duration::from_millis(100),
         "acquiring a ready sandbox took {acquire_time:?}"
     );
+    let taken_nice: Vec<i32> = processes_mentioning(&vm.run_dir(&second))
+        .into_iter()
+        .flat_map(thread_nice_values)
+        .collect();
+    assert!(
+        !taken_nice.is_empty(),
+        "no VMM threads of the taken sandbox"
+    );
+    assert!(taken_nice.iter().all(|&nice| nice == 0), "{taken_nice:?}");
     let ids: HashSet<_> = [first.id(), second.id(), third.id()].into_iter().collect();
     assert_eq!(ids.len(), 3, "a sandbox was handed out twice");
     let (stdout, _, status) = sh(&second, "echo $POOLED").await;

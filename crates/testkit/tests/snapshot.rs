@@ -212,6 +212,7 @@ fn vm_spec(vm: &TestVm, root: &Path, name: &str) -> VmSpec {
         memory_file: Some(run_dir.join("memory")),
         kernel_args: Vec::new(),
         network: None,
+        background: false,
     }
 }
 

@@ -65,6 +65,9 @@ pub struct VmSpec {
     pub kernel_args: Vec<String>,
     /// The guest's network device; `None` attaches none.
     pub network: Option<crate::net::VmNetwork>,
+    /// Start the VMM at background CPU priority (warm pool refills); see
+    /// [`crate::Sandbox::to_foreground`].
+    pub background: bool,
 }
 
 impl VmSpec {

@@ -23,6 +23,8 @@ mod runtime;
 mod sandbox;
 mod snapshot;
 mod sweep;
+mod tail;
+mod vmm_process;
 
 pub use agent::{AgentClient, ExecEvent, ExecHandle, StdinWriter};
 pub use backend::{AgentChannel, Backend, BackendKind, RunningVm, VmProcess, VmSpec};

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 
 use crate::backend::{Backend, BackendKind, RunningVm, VmProcess, VmSpec};
 use crate::host::{Accel, HostInfo};
+use crate::tail::{self, SharedTail, TailBuffer};
 use crate::{qemu_snapshot as snapshot, Error, Result};
 
 /// How long QEMU may take to connect to the host's sockets after it starts.
@@ -242,18 +243,7 @@ impl QemuBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        command.kill_on_drop(true).process_group(0);
-        // SAFETY: prctl is async-signal-safe and takes no pointers. The VMM
-        // gets SIGKILL when the thread that spawned it exits, so it never
-        // outlives upstream; the sweep on the next start covers the rest.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::vmm_process::prepare(&mut command, spec.background);
         let mut child = command.spawn().map_err(|source| Error::VmmSpawn {
             vmm: self.binary.display().to_string(),
             source,
@@ -281,8 +271,8 @@ impl QemuBackend {
         let _ = std::fs::remove_file(spec.socket_path("agent.sock"));
         let _ = std::fs::remove_file(spec.socket_path("console.sock"));
 
-        let console_buffer = Arc::new(Mutex::new(Vec::new()));
-        tokio::spawn(read_console(console, Arc::clone(&console_buffer)));
+        let console_buffer = TailBuffer::shared(CONSOLE_KEEP);
+        tokio::spawn(tail::read_into(console, Arc::clone(&console_buffer)));
         if let Some(pid) = pid {
             let files = VmFiles {
                 run_dir: spec.run_dir.clone(),
@@ -332,26 +322,10 @@ fn bind(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).map_err(Error::io(format!("listening on {}", path.display())))
 }
 
-/// Keeps the last [`CONSOLE_KEEP`] bytes of the guest console.
-async fn read_console(mut stream: UnixStream, buffer: Arc<Mutex<Vec<u8>>>) {
-    let mut chunk = vec![0u8; 4096];
-    while let Ok(n) = stream.read(&mut chunk).await {
-        if n == 0 {
-            break;
-        }
-        let mut kept = buffer.lock().unwrap();
-        kept.extend_from_slice(&chunk[..n]);
-        if kept.len() > CONSOLE_KEEP {
-            let excess = kept.len() - CONSOLE_KEEP;
-            kept.drain(..excess);
-        }
-    }
-}
-
 struct QemuProcess {
     child: Child,
     pid: Option<u32>,
-    console: Arc<Mutex<Vec<u8>>>,
+    console: SharedTail,
     registry: Registry,
 }
 
@@ -399,7 +373,7 @@ impl VmProcess for QemuProcess {
     }
 
     fn console_tail(&self) -> String {
-        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+        self.console.lock().unwrap().text()
     }
 }
 

@@ -89,6 +89,9 @@ pub struct SandboxSpec {
     pub network: NetworkPolicy,
     /// Guest ports to publish on the host's loopback.
     pub publish: Vec<PortForward>,
+    /// Start the VM at background CPU priority, for sandboxes made ahead of
+    /// demand; [`Sandbox::to_foreground`] ends it.
+    pub background: bool,
 }
 
 impl SandboxSpec {
@@ -131,6 +134,8 @@ pub struct Sandbox {
     user: Option<String>,
     limits: Limits,
     start_mode: StartMode,
+    /// Whether the VMM still runs at background priority.
+    background: bool,
 }
 
 impl Sandbox {
@@ -197,6 +202,7 @@ impl Sandbox {
             memory_file,
             kernel_args: network.kernel_args.clone(),
             network: network.vm.clone(),
+            background: spec.background,
         };
         let started = Instant::now();
         let running = match &launch {
@@ -252,7 +258,23 @@ impl Sandbox {
             user: spec.user,
             limits: spec.limits,
             start_mode,
+            background: spec.background,
         })
+    }
+
+    /// Moves a sandbox started at background priority to normal priority,
+    /// as it is handed to a user. A failure is logged: the sandbox works,
+    /// only slower while the host is busy.
+    pub fn to_foreground(&mut self) {
+        if !std::mem::take(&mut self.background) {
+            return;
+        }
+        let Some(pid) = self.process.pid() else {
+            return;
+        };
+        if let Err(err) = crate::vmm_process::restore_priority(pid) {
+            tracing::warn!(sandbox = %self.id, error = %err, "restoring the VMM's CPU priority failed");
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -410,11 +432,7 @@ fn boot_error(id: &str, reason: String, process: &dyn VmProcess) -> Error {
     let console = if tail.is_empty() {
         String::new()
     } else {
-        let start = tail.len().saturating_sub(2000);
-        let start = (start..tail.len())
-            .find(|&i| tail.is_char_boundary(i))
-            .unwrap_or(tail.len());
-        format!("\nGuest console:\n{}", &tail[start..])
+        format!("\nGuest console:\n{}", crate::tail::last_chars(tail, 2000))
     };
     Error::Boot {
         id: id.to_string(),

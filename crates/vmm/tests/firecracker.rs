@@ -105,6 +105,7 @@ impl Fixture {
             memory_file: None,
             kernel_args: Vec::new(),
             network: None,
+            background: false,
         }
     }
 }

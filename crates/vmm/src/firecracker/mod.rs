@@ -146,8 +146,12 @@ impl FirecrackerBackend {
         layout::check_socket_path(&api_socket)?;
         layout.expect(names::VSOCK);
         let command = self.command(spec, layout)?;
-        let mut spawned =
-            process::spawn(command, &spec.run_dir, &self.binary.display().to_string())?;
+        let mut spawned = process::spawn(
+            command,
+            &spec.run_dir,
+            &self.binary.display().to_string(),
+            spec.background,
+        )?;
         let api = ApiClient::new(api_socket);
 
         let conversation = async {

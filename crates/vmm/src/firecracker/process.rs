@@ -16,6 +16,7 @@ use super::api::ApiClient;
 use super::jailer::Jailer;
 use super::layout::Layout;
 use crate::backend::VmProcess;
+use crate::tail::{last_chars, read_into, SharedTail, TailBuffer};
 use crate::{Error, Result};
 
 /// Bytes of guest console output, mixed with Firecracker's own warnings,
@@ -40,34 +41,6 @@ const GUEST_STOP_MARKERS: [&str; 3] = [
     "Kernel panic - not syncing",
 ];
 
-/// The last bytes written to a stream.
-#[derive(Default)]
-pub struct TailBuffer {
-    bytes: Vec<u8>,
-    keep: usize,
-}
-
-impl TailBuffer {
-    fn new(keep: usize) -> Self {
-        Self {
-            bytes: Vec::new(),
-            keep,
-        }
-    }
-
-    fn push(&mut self, chunk: &[u8]) {
-        self.bytes.extend_from_slice(chunk);
-        if self.bytes.len() > self.keep {
-            let excess = self.bytes.len() - self.keep;
-            self.bytes.drain(..excess);
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes).into_owned()
-    }
-}
-
 /// The facts `save_snapshot` needs about a running VM. They are looked up
 /// by pid because the trait passes the VM as `dyn VmProcess`.
 #[derive(Clone, Debug)]
@@ -89,8 +62,8 @@ pub struct Spawned {
     pid: Option<u32>,
     /// `<run_dir>/vmm.pid`, removed once the process is gone.
     pid_file: PathBuf,
-    console: Arc<Mutex<TailBuffer>>,
-    stderr: Arc<Mutex<TailBuffer>>,
+    console: SharedTail,
+    stderr: SharedTail,
     stderr_reader: Option<JoinHandle<()>>,
     console_reader: JoinHandle<()>,
 }
@@ -98,26 +71,20 @@ pub struct Spawned {
 /// Spawns `command` as a VMM: in its own process group, killed when
 /// upstream's spawning thread exits, with its output read into bounded
 /// buffers. Its pid is written to `<run_dir>/vmm.pid` for the sweep.
-pub fn spawn(mut command: Command, run_dir: &Path, label: &str) -> Result<Spawned> {
+pub fn spawn(
+    mut command: Command,
+    run_dir: &Path,
+    label: &str,
+    background: bool,
+) -> Result<Spawned> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe and takes no pointers. The VMM gets
-    // SIGKILL when the thread that spawned it exits, so it never outlives
-    // upstream. NOTE: the jailer's switch to its unprivileged user clears
-    // this setting, so a jailed VMM outlives a crashed upstream until the
-    // next sweep of the run folders.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+        .stderr(Stdio::piped());
+    // NOTE: the jailer's switch to its unprivileged user clears the
+    // parent-death signal this sets, so a jailed VMM outlives a crashed
+    // upstream until the next sweep of the run folders.
+    crate::vmm_process::prepare(&mut command, background);
     let mut child = command.spawn().map_err(|source| Error::VmmSpawn {
         vmm: label.to_string(),
         source,
@@ -131,8 +98,8 @@ pub fn spawn(mut command: Command, run_dir: &Path, label: &str) -> Result<Spawne
         }
     }
 
-    let console = Arc::new(Mutex::new(TailBuffer::new(CONSOLE_KEEP)));
-    let stderr = Arc::new(Mutex::new(TailBuffer::new(STDERR_KEEP)));
+    let console = TailBuffer::shared(CONSOLE_KEEP);
+    let stderr = TailBuffer::shared(STDERR_KEEP);
     // A pidfd names this process only, even after it has been reaped and
     // its pid reused, so a late kill can never hit another process.
     let pidfd = pid.and_then(open_pidfd);
@@ -322,21 +289,11 @@ async fn wait_gone(pid: Option<u32>) {
     }
 }
 
-async fn read_into(mut pipe: impl AsyncRead + Unpin, buffer: Arc<Mutex<TailBuffer>>) {
-    let mut chunk = vec![0u8; 4096];
-    while let Ok(n) = pipe.read(&mut chunk).await {
-        if n == 0 {
-            break;
-        }
-        buffer.lock().unwrap().push(&chunk[..n]);
-    }
-}
-
 /// Keeps the console tail and ends the VMM if the guest stops and the VMM
 /// lingers.
 async fn read_console(
     mut pipe: impl AsyncRead + Unpin,
-    buffer: Arc<Mutex<TailBuffer>>,
+    buffer: SharedTail,
     pidfd: Option<OwnedFd>,
 ) {
     let mut chunk = vec![0u8; 4096];
@@ -404,26 +361,9 @@ fn kill_pidfd(fd: &OwnedFd) -> bool {
 }
 
 /// Returns the last `max` bytes of `text`, cut at a character boundary.
-fn last_chars(text: &str, max: usize) -> &str {
-    let start = text.len().saturating_sub(max);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    &text[start..]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tail_buffer_keeps_last_bytes() {
-        let mut buffer = TailBuffer::new(4);
-        buffer.push(b"abc");
-        buffer.push(b"defg");
-
-        assert_eq!(buffer.text(), "defg");
-    }
 
     #[test]
     fn stop_markers_are_found() {
@@ -443,7 +383,7 @@ mod tests {
         let mut command = Command::new("sh");
         command.args(["-c", "echo 'reboot: Restarting system'; exec sleep 30"]);
         let dir = tempfile::tempdir().unwrap();
-        let mut spawned = spawn(command, dir.path(), "sh").unwrap();
+        let mut spawned = spawn(command, dir.path(), "sh", false).unwrap();
 
         let status = tokio::time::timeout(Duration::from_secs(10), spawned.child.wait())
             .await
@@ -460,7 +400,7 @@ mod tests {
         let mut command = Command::new("sh");
         command.args(["-c", "echo 'bad argument' >&2; exit 1"]);
         let dir = tempfile::tempdir().unwrap();
-        let mut spawned = spawn(command, dir.path(), "sh").unwrap();
+        let mut spawned = spawn(command, dir.path(), "sh", false).unwrap();
 
         let status = spawned.wait_exited().await;
         let tail = spawned.kill_for_error().await;
@@ -469,11 +409,5 @@ mod tests {
 
         assert_eq!(tail, "\nFirecracker: bad argument");
         assert!(!dir.path().join("vmm.pid").exists());
-    }
-
-    #[test]
-    fn last_chars_respects_boundaries() {
-        assert_eq!(last_chars("héllo", 4), "llo");
-        assert_eq!(last_chars("abc", 10), "abc");
     }
 }
