@@ -9,6 +9,7 @@
 //! [`NetworkPolicy`]. Published ports are slirp `hostfwd` rules bound to
 //! 127.0.0.1. `docs/networking.md` describes the design and its limits.
 
+mod accept;
 mod chain;
 mod dns;
 mod limit;

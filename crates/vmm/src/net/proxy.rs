@@ -22,6 +22,7 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use super::accept::serve_each;
 use super::chain::HostProxy;
 use super::dns::{self, Answer};
 use super::limit::{Bandwidth, BlockLog, Counters, NetworkStats};
@@ -48,7 +49,7 @@ impl Proxy {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         let shared = Arc::new(Shared::new(sandbox, policy.clone(), HostProxy::from_env()));
-        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        let task = tokio::spawn(serve_relays(listener, Arc::clone(&shared)));
         Ok(Self { shared, task })
     }
 
@@ -71,8 +72,6 @@ struct Shared {
     host_proxy: Option<HostProxy>,
     counters: Counters,
     log: BlockLog,
-    /// Tasks of open connections, aborted with the proxy.
-    tasks: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Shared {
@@ -85,7 +84,6 @@ impl Shared {
             host_proxy,
             counters: Counters::default(),
             log: BlockLog::new(sandbox),
-            tasks: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         }
     }
 
@@ -95,27 +93,17 @@ impl Shared {
     }
 }
 
-async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                tracing::warn!(error = %err, "accepting a guest connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let shared_for_task = Arc::clone(&shared);
-        let mut tasks = shared.tasks.lock().unwrap();
-        // Reap finished tasks so the set does not grow without bound.
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
+async fn serve_relays(listener: UnixListener, shared: Arc<Shared>) {
+    serve_each(listener, "relay", move |stream| {
+        let shared = Arc::clone(&shared);
+        async move {
             match receive_connection(&stream).await {
-                Ok((guest, port)) => serve(guest, port, shared_for_task).await,
+                Ok((guest, port)) => serve(guest, port, shared).await,
                 Err(err) => tracing::debug!(error = %err, "a relay handed over no connection"),
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Receives the guest connection and its destination port from a relay:

@@ -242,6 +242,28 @@ async fn server_name_inside_tunnel_is_checked() {
 }
 
 #[tokio::test]
+async fn dropped_proxy_closes_open_connections() {
+    let harness = Harness::new(NetworkPolicy::internet());
+    let mut guest = harness.connect(DNS_PORT);
+    let query = [
+        0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1,
+    ];
+    guest.write_u16(query.len() as u16).await.unwrap();
+    guest.write_all(&query).await.unwrap();
+    let len = guest.read_u16().await.unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    guest.read_exact(&mut reply).await.unwrap();
+
+    drop(harness);
+
+    // An idle DNS connection would stay open for DNS_IDLE (10 s).
+    let read = tokio::time::timeout(Duration::from_secs(2), guest.read_u16())
+        .await
+        .expect("the connection closes with the proxy");
+    assert_eq!(read.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
 async fn dns_answers_with_the_service_address() {
     let harness = Harness::new(allow(&["127.0.0.1"]));
     let reply = dns_query(&harness, "localhost").await;
