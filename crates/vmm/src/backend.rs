@@ -145,9 +145,18 @@ pub trait VmProcess: Send + Sync {
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
 
-    /// Whether [`VmSpec::network`] is supported.
+    /// Returns how this backend attaches [`VmSpec::network`], or an error
+    /// that says why it cannot on this host.
+    fn network_attachment(&self) -> Result<crate::net::Attachment> {
+        Err(crate::Error::NetworkUnsupported {
+            backend: self.kind().name(),
+            reason: "the backend has no network device support".into(),
+        })
+    }
+
+    /// Whether [`VmSpec::network`] is supported on this host.
     fn supports_network(&self) -> bool {
-        false
+        self.network_attachment().is_ok()
     }
 
     /// Starts a VM; returns as soon as the VMM runs. The caller waits for

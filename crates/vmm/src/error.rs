@@ -82,10 +82,13 @@ pub enum Error {
     Firecracker(#[from] crate::firecracker::FirecrackerError),
 
     #[error(
-        "Networking is not available with the {0} backend yet; use --backend qemu or run \
-         without network access and published ports"
+        "Networking is not available with the {backend} backend: {reason}. Alternatively, \
+         use --backend qemu or run without network access and published ports"
     )]
-    NetworkUnsupported(&'static str),
+    NetworkUnsupported {
+        backend: &'static str,
+        reason: String,
+    },
 
     #[error("{context}")]
     Io {

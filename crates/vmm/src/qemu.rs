@@ -161,8 +161,8 @@ impl Backend for QemuBackend {
         BackendKind::Qemu
     }
 
-    fn supports_network(&self) -> bool {
-        true
+    fn network_attachment(&self) -> Result<crate::net::Attachment> {
+        Ok(crate::net::Attachment::Slirp)
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<RunningVm> {

@@ -172,11 +172,9 @@ impl Sandbox {
         fs::write(run_dir.join("owner"), sweep::owner_record())
             .map_err(Error::io(format!("writing {}", run_dir.display())))?;
 
-        if spec.wants_network() && !runtime.backend.supports_network() {
-            return Err(Error::NetworkUnsupported(runtime.backend.kind().name()));
-        }
         let relay = crate::initramfs::agent_beside(&runtime.initramfs);
-        let network = net::prepare(&id, &run_dir, &spec.network, &spec.publish, &relay)?;
+        let backend = runtime.backend.as_ref();
+        let network = net::prepare(&id, &run_dir, &spec.network, &spec.publish, backend, &relay)?;
 
         let scratch = run_dir.join("scratch.ext4");
         let memory_file = match &launch {
@@ -371,6 +369,9 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.process.kill();
+        // The network goes first, so a crash before the folder is removed
+        // leaves only what the sweep of the folder finds.
+        self.network.take();
         let _ = fs::remove_dir_all(&self.run_dir);
     }
 }

@@ -3,12 +3,14 @@
 //! Every sandbox's run folder records its owner (pid and process start
 //! time, so a reused pid is not mistaken for the owner) and its VMM's pid.
 //! A folder whose owner is gone is swept: its VMM is killed if it still
-//! runs and the folder is deleted.
+//! runs, the sandbox's network namespace is removed, and the folder is
+//! deleted.
 
 use std::fs;
 use std::path::Path;
 
 use crate::host::process_alive;
+use crate::net::netns;
 
 /// Identifies the current process across pid reuse.
 pub fn owner_record() -> String {
@@ -62,12 +64,34 @@ pub fn sweep(run_root: &Path) -> SweepReport {
         if kill_vmm(&dir) {
             report.vmms_killed += 1;
         }
+        remove_netns(&dir);
         if fs::remove_dir_all(&dir).is_ok() {
             report.folders += 1;
             tracing::info!(dir = %dir.display(), "removed a stale sandbox folder");
         }
     }
     report
+}
+
+/// Removes the name of the network namespace of the sandbox in `dir`, if
+/// it has one. The namespace ends with its last process and socket, and
+/// with it the tap device.
+fn remove_netns(dir: &Path) {
+    let Some(id) = dir.file_name().and_then(|name| name.to_str()) else {
+        return;
+    };
+    let path = netns::path_of(id);
+    if !path.exists() {
+        return;
+    }
+    match netns::remove(&path) {
+        Ok(()) => tracing::info!(netns = %path.display(), "removed a stale network namespace"),
+        Err(err) => tracing::warn!(
+            netns = %path.display(),
+            error = %err,
+            "removing a stale network namespace failed"
+        ),
+    }
 }
 
 fn is_recent(dir: &Path) -> bool {
@@ -164,5 +188,24 @@ mod tests {
         assert_eq!(report.folders, 1);
         assert!(!dead.exists());
         assert!(live.exists());
+    }
+
+    #[test]
+    fn namespace_of_dead_run_is_removed() {
+        if let Some(reason) = crate::net::tap::unavailable_reason() {
+            eprintln!("skipped namespace_of_dead_run_is_removed: {reason}");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let dead = root.path().join("sb-sweeptest01");
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join("owner"), "999999999 5").unwrap();
+        let path = netns::path_of("sb-sweeptest01");
+        netns::NetworkNamespace::create(&path).unwrap();
+
+        let report = sweep(root.path());
+
+        assert_eq!(report.folders, 1);
+        assert!(!path.exists(), "{} is left behind", path.display());
     }
 }

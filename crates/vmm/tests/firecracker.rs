@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use upstream_vmm::firecracker::{ApiClient, FirecrackerBackend};
-use upstream_vmm::{Backend, HostInfo, RunningVm, VmSpec};
+use upstream_vmm::net::{self, PortForward};
+use upstream_vmm::{Backend, HostInfo, NetworkPolicy, RunningVm, VmSpec};
 
 /// Returns the Firecracker binary under test, or `None` after printing why
 /// the test is skipped.
@@ -285,6 +286,235 @@ async fn restore_rejects_other_image_root() {
         "{err}"
     );
     assert_eq!(list(&other.run_dir), ["scratch.ext4"], "files left behind");
+}
+
+/// Returns the Firecracker binary for a test that needs networking, or
+/// `None` after printing why the test is skipped.
+fn firecracker_with_network(test: &str) -> Option<PathBuf> {
+    let binary = firecracker(test)?;
+    if let Some(reason) = net::tap::unavailable_reason() {
+        eprintln!("skipped {test}: {reason}");
+        return None;
+    }
+    Some(binary)
+}
+
+/// Drops the host side of a sandbox's network and checks that its
+/// namespace is gone.
+fn drop_and_check_network(prepared: net::Prepared, spec: &VmSpec) {
+    let netns = net::netns::path_of(&spec.id);
+    drop(prepared);
+    assert!(!netns.exists(), "{} is left behind", netns.display());
+}
+
+/// Prepares the host side of a network with egress and one published
+/// port for sandbox `spec.id`, as `Sandbox` does, and adds it to `spec`.
+fn prepare_network(backend: &FirecrackerBackend, spec: &mut VmSpec) -> net::Prepared {
+    let publish = [PortForward {
+        guest: 8000,
+        host: None,
+    }];
+    let mut policy = NetworkPolicy::internet();
+    policy.limits.bandwidth = Some(1 << 20);
+    let relay = Path::new("/nonexistent/upstream-agent");
+    let prepared =
+        net::prepare(&spec.id, &spec.run_dir, &policy, &publish, backend, relay).unwrap();
+    spec.network = prepared.vm.clone();
+    spec.kernel_args = prepared.kernel_args.clone();
+    prepared
+}
+
+/// Returns whether the ELF executable at `path` names a dynamic loader
+/// (has a `PT_INTERP` program header).
+fn has_interpreter(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let elf = std::fs::read(path).unwrap();
+    let read_u16 = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap());
+    let read_u64 = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap());
+    let table = read_u64(0x20) as usize;
+    let entry_size = usize::from(read_u16(0x36));
+    let entries = usize::from(read_u16(0x38));
+    (0..entries).any(|i| {
+        let at = table + i * entry_size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
+    })
+}
+
+/// Returns the network namespace of process `pid`, as `net:[inode]`.
+fn netns_of_process(pid: u32) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    link.to_string_lossy().into_owned()
+}
+
+/// Returns the namespace named `path`, as `net:[inode]`.
+fn netns_of_path(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("net:[{}]", std::fs::metadata(path).unwrap().ino())
+}
+
+/// Checks what a VM with network was given: the interface on the tap, the
+/// rate limiter, and the VMM in the sandbox's namespace.
+async fn check_network(api: &ApiClient, pid: u32, spec: &VmSpec) {
+    let config: Value = api.get("/vm/config").await.unwrap();
+    let interfaces = config["network-interfaces"].as_array().unwrap();
+    assert_eq!(interfaces.len(), 1, "{config}");
+    assert_eq!(interfaces[0]["iface_id"], "eth0");
+    assert_eq!(interfaces[0]["host_dev_name"], "tap0");
+    assert_eq!(interfaces[0]["guest_mac"], "06:00:0a:00:02:0f");
+    // 1 MiB/s plus 1/16 for frame headers.
+    let rx_size = &interfaces[0]["rx_rate_limiter"]["bandwidth"]["size"];
+    assert_eq!(rx_size, 1_114_112, "{config}");
+    let boot_args = config["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(
+        boot_args.contains("upstream.net=10.0.2.15/24"),
+        "{boot_args}"
+    );
+    let netns = net::netns::path_of(&spec.id);
+    assert_eq!(netns_of_process(pid), netns_of_path(&netns));
+}
+
+#[tokio::test]
+async fn network_interface_uses_sandbox_tap() {
+    let test = "network_interface_uses_sandbox_tap";
+    let Some(binary) = firecracker_with_network(test) else {
+        return;
+    };
+    let fixture = Fixture::new();
+    let mut spec = fixture.spec("sb-fctest000008");
+    let backend = FirecrackerBackend::new(binary).without_jailer();
+    let prepared = prepare_network(&backend, &mut spec);
+
+    let vm = backend.start(&spec).await.unwrap();
+
+    let api = ApiClient::new(spec.run_dir.join("fc.sock"));
+    let info: Value = api.get("/").await.unwrap();
+    assert_eq!(info["state"], "Running");
+    check_network(&api, vm.process.pid().unwrap(), &spec).await;
+    destroy_and_check(vm, &spec).await;
+    drop_and_check_network(prepared, &spec);
+}
+
+#[tokio::test]
+async fn failed_start_removes_namespace() {
+    let test = "failed_start_removes_namespace";
+    let Some(binary) = firecracker_with_network(test) else {
+        return;
+    };
+    let fixture = Fixture::new();
+    let mut spec = fixture.spec("sb-fctest000010");
+    spec.kernel = fixture.dir.path().join("initrd");
+    let backend = FirecrackerBackend::new(binary).without_jailer();
+    let prepared = prepare_network(&backend, &mut spec);
+    assert!(net::netns::path_of(&spec.id).exists());
+
+    let err = backend
+        .start(&spec)
+        .await
+        .err()
+        .expect("a non-ELF kernel fails");
+
+    assert!(err.to_string().contains("PUT /actions"), "{err}");
+    assert_eq!(list(&spec.run_dir), ["scratch.ext4"], "files left behind");
+    drop_and_check_network(prepared, &spec);
+}
+
+/// Lists the namespaces in `/run/netns` that sandboxes with generated ids
+/// (`sb-` and 12 hex digits) own, leaving out the fixed ids of these tests.
+fn sandbox_namespaces() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(net::netns::NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            name.strip_prefix("upstream-sb-")
+                .is_some_and(|id| id.len() == 12 && id.bytes().all(|byte| byte.is_ascii_hexdigit()))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn sandbox_boot_timeout_removes_network() {
+    let test = "sandbox_boot_timeout_removes_network";
+    let Some(binary) = firecracker_with_network(test) else {
+        return;
+    };
+    let fixture = Fixture::new();
+    let data = fixture.dir.path().join("data");
+    let runtime = upstream_vmm::Runtime {
+        data: upstream_vmm::DataDir::new(&data),
+        host: HostInfo::detect(),
+        backend: std::sync::Arc::new(FirecrackerBackend::new(binary).without_jailer()),
+        kernel: fixture.dir.path().join("vmlinux"),
+        initramfs: fixture.dir.path().join("initrd"),
+        snapshots: false,
+    };
+    let spec = upstream_vmm::SandboxSpec {
+        root_disk: fixture.dir.path().join("root.ext4"),
+        boot_timeout: Some(Duration::from_secs(1)),
+        network: NetworkPolicy::internet(),
+        publish: vec![PortForward {
+            guest: 8000,
+            host: None,
+        }],
+        ..Default::default()
+    };
+    let before = sandbox_namespaces();
+
+    // The halting guest never starts an agent.
+    let err = upstream_vmm::Sandbox::boot(&runtime, spec)
+        .await
+        .err()
+        .expect("the boot times out");
+
+    assert!(err.to_string().contains("did not start within"), "{err}");
+    assert_eq!(sandbox_namespaces(), before, "a namespace is left behind");
+    assert_eq!(list(&data.join("run")), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn jailed_vmm_joins_sandbox_namespace() {
+    let test = "jailed_vmm_joins_sandbox_namespace";
+    let Some(binary) = firecracker_with_network(test) else {
+        return;
+    };
+    let backend = FirecrackerBackend::new(binary.clone());
+    let Ok(Some(jailer)) = backend.jailer() else {
+        eprintln!("skipped {test}: no jailer beside the firecracker binary");
+        return;
+    };
+    if has_interpreter(&binary) {
+        // The chroot contains the binary alone, without a dynamic loader.
+        eprintln!("skipped {test}: the jailer runs only statically linked Firecracker builds");
+        return;
+    }
+    let owner = (jailer.uid, jailer.gid);
+    let fixture = Fixture::new();
+    let mut spec = fixture.spec("sb-fctest000009");
+    // The jailed user reads the shared files through hard links in its
+    // chroot, which keep these owners and modes.
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&spec.kernel, &spec.initramfs, &spec.root_disk] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    assert_eq!(
+        backend.network_attachment().unwrap(),
+        net::Attachment::Tap { owner: Some(owner) }
+    );
+    let prepared = prepare_network(&backend, &mut spec);
+
+    let vm = backend.start(&spec).await.unwrap();
+
+    let pid = vm.process.pid().unwrap();
+    let chroot = upstream_vmm::firecracker::Jailer::chroot(&binary, &spec.run_dir, &spec.id);
+    let api = ApiClient::new(chroot.join("fc.sock"));
+    check_network(&api, pid, &spec).await;
+    let mut process = vm.process;
+    process.destroy().await;
+    assert_eq!(list(&spec.run_dir), ["scratch.ext4"], "files left behind");
+    drop_and_check_network(prepared, &spec);
 }
 
 /// Boots the real guest kernel and agent and runs a command. Needs

@@ -67,6 +67,35 @@ pub struct BootConfig {
     /// Kernel parameters beyond the backend's own.
     pub kernel_args: Vec<String>,
     pub limits: RateLimits,
+    /// The guest's network interface; `None` attaches none.
+    pub network: Option<NetworkConfig>,
+}
+
+/// The guest's network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The tap device, by its name in the VMM's network namespace.
+    pub tap_name: String,
+    pub guest_mac: String,
+    /// The sandbox's bandwidth limit in bytes per second, both directions
+    /// together, or `None` for no limit.
+    pub bandwidth: Option<u64>,
+}
+
+impl NetworkConfig {
+    /// Returns the token bucket for each direction of the tap.
+    ///
+    /// The proxy enforces the sandbox's limit on payload bytes. This one
+    /// bounds whole frames, so the guest cannot flood the host's network
+    /// stack with packets that never reach the proxy. A full-size TCP
+    /// frame carries 66 bytes of Ethernet, IP and TCP headers per 1448
+    /// bytes of payload (4.6%). The bucket is 1/16 (6.25%) larger, so the
+    /// proxy, not the tap, slows down a bulk transfer. Small packets carry
+    /// more header per byte and reach this limit sooner.
+    fn rate_limiter(&self) -> Option<RateLimiter> {
+        let frames_per_sec = self.bandwidth.map(|rate| rate.saturating_add(rate / 16));
+        RateLimiter::new(frames_per_sec, None)
+    }
 }
 
 #[derive(Serialize)]
@@ -96,6 +125,17 @@ pub struct Drive {
     pub is_read_only: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
+}
+
+#[derive(Serialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
 }
 
 #[derive(Serialize)]
@@ -241,7 +281,7 @@ pub fn boot_requests(config: &BootConfig) -> Vec<ApiRequest> {
             },
         )
     };
-    vec![
+    let mut requests = vec![
         logger(),
         ApiRequest::put(
             "/machine-config",
@@ -262,6 +302,11 @@ pub fn boot_requests(config: &BootConfig) -> Vec<ApiRequest> {
         // is /dev/vdb.
         drive("rootfs", names::ROOT_DISK, true),
         drive("scratch", names::SCRATCH_DISK, false),
+    ];
+    if let Some(network) = &config.network {
+        requests.push(network_interface(network));
+    }
+    requests.extend([
         ApiRequest::put(
             "/vsock",
             &Vsock {
@@ -276,7 +321,25 @@ pub fn boot_requests(config: &BootConfig) -> Vec<ApiRequest> {
             },
         ),
         start(),
-    ]
+    ]);
+    requests
+}
+
+/// Attaches the guest's `eth0` to the tap device. Firecracker opens the
+/// tap by name in its own network namespace.
+pub fn network_interface(network: &NetworkConfig) -> ApiRequest {
+    let id = "eth0";
+    let limiter = network.rate_limiter();
+    ApiRequest::put(
+        format!("/network-interfaces/{id}"),
+        &NetworkInterface {
+            iface_id: id.to_string(),
+            host_dev_name: network.tap_name.clone(),
+            guest_mac: network.guest_mac.clone(),
+            rx_rate_limiter: limiter,
+            tx_rate_limiter: limiter,
+        },
+    )
 }
 
 pub fn start() -> ApiRequest {
@@ -334,6 +397,15 @@ mod tests {
             memory_mib: 512,
             kernel_args: vec!["extra=1".into()],
             limits: RateLimits::default(),
+            network: None,
+        }
+    }
+
+    fn network(bandwidth: Option<u64>) -> NetworkConfig {
+        NetworkConfig {
+            tap_name: "tap0".into(),
+            guest_mac: "06:00:0a:00:02:0f".into(),
+            bandwidth,
         }
     }
 
@@ -411,5 +483,40 @@ mod tests {
         assert_eq!(scratch["rate_limiter"]["ops"]["size"], 1000);
         assert_eq!(entropy["rate_limiter"]["bandwidth"]["size"], 4096);
         assert!(entropy["rate_limiter"].get("ops").is_none());
+    }
+
+    #[test]
+    fn network_interface_follows_drives() {
+        let mut config = config();
+        config.network = Some(network(None));
+        let requests = boot_requests(&config);
+        let paths: Vec<String> = requests.iter().map(ApiRequest::describe).collect();
+        let body = requests[5].body.as_ref().unwrap();
+
+        assert_eq!(paths[5], "PUT /network-interfaces/eth0");
+        assert_eq!(paths.last().unwrap(), "PUT /actions");
+        assert_eq!(body["iface_id"], "eth0");
+        assert_eq!(body["host_dev_name"], "tap0");
+        assert_eq!(body["guest_mac"], "06:00:0a:00:02:0f");
+        assert!(body.get("rx_rate_limiter").is_none());
+        assert!(body.get("tx_rate_limiter").is_none());
+    }
+
+    #[test]
+    fn bandwidth_limits_both_tap_directions() {
+        let request = network_interface(&network(Some(1_600_000)));
+        let body = request.body.as_ref().unwrap();
+
+        for direction in ["rx_rate_limiter", "tx_rate_limiter"] {
+            assert_eq!(
+                body[direction]["bandwidth"]["size"], 1_700_000,
+                "{direction}"
+            );
+            assert_eq!(
+                body[direction]["bandwidth"]["refill_time"], 1000,
+                "{direction}"
+            );
+            assert!(body[direction].get("ops").is_none(), "{direction}");
+        }
     }
 }

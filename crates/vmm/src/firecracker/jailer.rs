@@ -18,8 +18,9 @@
 //! - Keep the data directory on one file system: files are hard-linked into
 //!   the chroot, which lives in the sandbox's run folder, and copied where a
 //!   hard link is impossible.
-//! - Optional: `UPSTREAM_JAILER_NETNS=/var/run/netns/NAME` joins every VMM to
-//!   that network namespace (sandboxes have no network device today).
+//! - Optional: `UPSTREAM_JAILER_NETNS=/var/run/netns/NAME` joins every VMM
+//!   of a sandbox without network to that network namespace. A sandbox
+//!   with network runs in a namespace of its own.
 //! - Optional: `UPSTREAM_JAILER_CGROUP=NAME` gives each VMM its own cgroup v2
 //!   `NAME/<sandbox id>`, with `cpu.max` set to its vCPU count plus one core.
 //!   `NAME` must exist with the `cpu` controller enabled in its
@@ -103,8 +104,17 @@ impl Jailer {
             .join("root")
     }
 
-    /// Builds the jailer command that starts Firecracker for sandbox `id`.
-    pub fn command(&self, firecracker: &Path, run_dir: &Path, id: &str, vcpus: u32) -> Command {
+    /// Builds the jailer command that starts Firecracker for sandbox `id`,
+    /// in the network namespace `netns` if given, else in the configured
+    /// one.
+    pub fn command(
+        &self,
+        firecracker: &Path,
+        run_dir: &Path,
+        id: &str,
+        vcpus: u32,
+        netns: Option<&Path>,
+    ) -> Command {
         let mut command = Command::new(&self.binary);
         command
             .arg("--id")
@@ -117,7 +127,7 @@ impl Jailer {
             .arg(self.gid.to_string())
             .arg("--chroot-base-dir")
             .arg(Self::chroot_base(run_dir));
-        if let Some(netns) = &self.netns {
+        if let Some(netns) = netns.or(self.netns.as_deref()) {
             command.arg("--netns").arg(netns);
         }
         if let Some(parent) = &self.parent_cgroup {
@@ -205,6 +215,23 @@ mod tests {
         }
     }
 
+    /// Returns the arguments of the jailer command for sandbox `sb-1` with
+    /// two vCPUs.
+    fn command_args(netns: Option<&Path>) -> Vec<String> {
+        let command = jailer().command(
+            Path::new("/usr/bin/firecracker"),
+            Path::new("/data/run/sb-1"),
+            "sb-1",
+            2,
+            netns,
+        );
+        command
+            .as_std()
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn chroot_is_under_run_dir() {
         let chroot = Jailer::chroot(
@@ -221,17 +248,7 @@ mod tests {
 
     #[test]
     fn command_passes_ids_and_options() {
-        let command = jailer().command(
-            Path::new("/usr/bin/firecracker"),
-            Path::new("/data/run/sb-1"),
-            "sb-1",
-            2,
-        );
-        let args: Vec<String> = command
-            .as_std()
-            .get_args()
-            .map(|arg| arg.to_string_lossy().into_owned())
-            .collect();
+        let args = command_args(None);
 
         assert_eq!(
             args,
@@ -280,5 +297,18 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn sandbox_namespace_replaces_configured_one() {
+        let args = command_args(Some(Path::new("/run/netns/upstream-sb-1")));
+        let netns: Vec<&String> = args
+            .iter()
+            .skip_while(|arg| *arg != "--netns")
+            .take(2)
+            .collect();
+
+        assert_eq!(netns, ["--netns", "/run/netns/upstream-sb-1"]);
+        assert_eq!(args.iter().filter(|arg| *arg == "--netns").count(), 1);
     }
 }

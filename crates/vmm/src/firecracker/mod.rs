@@ -24,6 +24,7 @@ mod snapshot;
 #[cfg(test)]
 mod schema_tests;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,9 @@ use self::config::{names, BootConfig};
 use self::layout::Layout;
 use self::process::{FirecrackerProcess, Registry, Spawned, VmRecord};
 use crate::backend::{AgentChannel, Backend, BackendKind, RunningVm, VmProcess, VmSpec};
+use crate::net::netns::{self, NetworkNamespace};
+use crate::net::tap::{self, TapDevice};
+use crate::net::{Attachment, GuestLink};
 use crate::{Error, Result};
 
 /// How long Firecracker may take to open its API socket after it starts.
@@ -113,12 +117,15 @@ impl FirecrackerBackend {
         }
     }
 
-    /// Builds the command that starts the VMM. Unjailed, the API socket is
+    /// Builds the command that starts the VMM, in the sandbox's network
+    /// namespace when it has a tap device. Unjailed, the API socket is
     /// given by absolute path, so the command line names the run folder and
     /// the sweep can recognise a VMM left behind.
     fn command(&self, spec: &VmSpec, layout: &Layout) -> Result<Command> {
+        let tap = tap_device(spec)?;
         if let Some(jailer) = self.jailer()? {
-            return Ok(jailer.command(&self.binary, &spec.run_dir, &spec.id, spec.vcpus));
+            let netns = tap.map(|device| device.netns.as_path());
+            return Ok(jailer.command(&self.binary, &spec.run_dir, &spec.id, spec.vcpus, netns));
         }
         let mut command = Command::new(&self.binary);
         command
@@ -127,6 +134,19 @@ impl FirecrackerBackend {
             .arg("--id")
             .arg(&spec.id)
             .current_dir(layout.root());
+        if let Some(device) = tap {
+            let namespace = NetworkNamespace::open(&device.netns).map_err(Error::io(format!(
+                "opening the sandbox's network namespace {}",
+                device.netns.display()
+            )))?;
+            // SAFETY: the closure only calls setns, which is
+            // async-signal-safe, on a descriptor that the closure keeps
+            // open. The descriptor is close-on-exec, so Firecracker does
+            // not inherit it.
+            unsafe {
+                command.pre_exec(move || netns::setns(namespace.as_fd().as_raw_fd()));
+            }
+        }
         Ok(command)
     }
 
@@ -250,6 +270,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Returns the sandbox's tap device, if it has a network.
+fn tap_device(spec: &VmSpec) -> Result<Option<&TapDevice>> {
+    match spec.network.as_ref().map(|network| &network.link) {
+        None => Ok(None),
+        Some(GuestLink::Tap(device)) => Ok(Some(device)),
+        Some(GuestLink::Slirp(_)) => Err(Error::NetworkUnsupported {
+            backend: "firecracker",
+            reason: "the network was prepared for slirp, which only QEMU has".into(),
+        }),
+    }
+}
+
+/// Describes the guest's network interface for the boot requests.
+fn network_config(spec: &VmSpec) -> Result<Option<config::NetworkConfig>> {
+    let Some(device) = tap_device(spec)? else {
+        return Ok(None);
+    };
+    let bandwidth = spec.network.as_ref().and_then(|network| network.bandwidth);
+    Ok(Some(config::NetworkConfig {
+        tap_name: device.name.clone(),
+        guest_mac: tap::GUEST_MAC.to_string(),
+        bandwidth,
+    }))
+}
+
 /// Checks the rules Firecracker and its jailer set for instance ids.
 fn check_id(id: &str) -> Result<()> {
     let valid =
@@ -267,8 +312,26 @@ impl Backend for FirecrackerBackend {
         BackendKind::Firecracker
     }
 
+    /// Returns a tap attachment: a tap device in a network namespace per
+    /// sandbox, which needs root and `/dev/net/tun`. A jailed VMM runs as
+    /// the jailer's user, which must be allowed to open the tap.
+    fn network_attachment(&self) -> Result<Attachment> {
+        if let Some(reason) = tap::unavailable_reason() {
+            return Err(Error::NetworkUnsupported {
+                backend: "firecracker",
+                reason,
+            });
+        }
+        let owner = match &self.jailer {
+            Ok(Some(jailer)) => Some((jailer.uid, jailer.gid)),
+            _ => None,
+        };
+        Ok(Attachment::Tap { owner })
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<RunningVm> {
         check_id(&spec.id)?;
+        let network = network_config(spec)?;
         let mut layout = self.layout(spec)?;
         let boot = BootConfig {
             id: spec.id.clone(),
@@ -276,6 +339,7 @@ impl Backend for FirecrackerBackend {
             memory_mib: spec.memory_mib,
             kernel_args: spec.kernel_args.clone(),
             limits: self.limits,
+            network,
         };
         let requests: Vec<_> = config::boot_requests(&boot)
             .into_iter()

@@ -17,7 +17,7 @@ use serde_json::Value as Json;
 use serde_norway::Value as Yaml;
 
 use super::api::ApiRequest;
-use super::config::{self, BootConfig, RateLimits};
+use super::config::{self, BootConfig, NetworkConfig, RateLimits};
 
 const SCHEMA_FILE: &str = "tests/data/firecracker-v1.16.1.yaml";
 
@@ -210,6 +210,15 @@ fn boot_config(limits: RateLimits) -> BootConfig {
         memory_mib: 512,
         kernel_args: vec!["tsc_early_khz=2000000".into()],
         limits,
+        network: None,
+    }
+}
+
+fn network_config(bandwidth: Option<u64>) -> NetworkConfig {
+    NetworkConfig {
+        tap_name: "tap0".into(),
+        guest_mac: "06:00:0a:00:02:0f".into(),
+        bandwidth,
     }
 }
 
@@ -227,6 +236,11 @@ fn every_request() -> Vec<ApiRequest> {
     let mut requests = Vec::new();
     for limits in [RateLimits::default(), limited, bandwidth_only] {
         requests.extend(config::boot_requests(&boot_config(limits)));
+    }
+    for bandwidth in [None, Some(10 << 20)] {
+        let mut with_network = boot_config(RateLimits::default());
+        with_network.network = Some(network_config(bandwidth));
+        requests.extend(config::boot_requests(&with_network));
     }
     requests.extend([
         config::logger(),
@@ -263,6 +277,17 @@ fn drive_ids_match_their_paths() {
         let body = request.body.as_ref().unwrap();
         assert_eq!(body["drive_id"], id, "{}", request.describe());
     }
+}
+
+#[test]
+fn network_interface_id_matches_its_path() {
+    let request = config::network_interface(&network_config(None));
+    let body = request.body.as_ref().unwrap();
+
+    assert_eq!(
+        request.path,
+        format!("/network-interfaces/{}", body["iface_id"].as_str().unwrap())
+    );
 }
 
 #[test]

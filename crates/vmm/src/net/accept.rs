@@ -31,9 +31,9 @@ impl Listener for UnixListener {
 }
 
 /// Accepts connections until the calling task is aborted, and serves each
-/// on a task of its own. `kind` names the connections in logs. Aborting the loop also aborts those tasks. A
+/// on a task of its own. Aborting the loop also aborts those tasks. A
 /// failed accept, such as one out of file descriptors, is logged and
-/// retried after a pause.
+/// retried after a pause. `kind` names the connections in that log.
 pub(crate) async fn serve_each<L, F, Fut>(listener: L, kind: &'static str, serve: F)
 where
     L: Listener,

@@ -2,9 +2,11 @@
 //! receives every connection the guest opens and decides whether, and
 //! where, it goes on.
 //!
-//! QEMU hands each guest connection to [`super::relay`], which passes the
-//! connected socket and the guest's destination port to this proxy over a
-//! Unix socket in the sandbox's run folder. The port tells what the
+//! Connections arrive in one of two ways ([`Intake`]). Under QEMU, a relay
+//! process passes each connected socket and the guest's destination port
+//! over a Unix socket in the sandbox's run folder. With a tap device, the
+//! proxy listens on [`SERVICE_ADDR`] inside the sandbox's network
+//! namespace, one listener per port. Either way the port tells what the
 //! connection carries: DNS queries over TCP, a request to the HTTP proxy
 //! (`CONNECT` or an absolute URL), or traffic to a name that the proxy's
 //! DNS resolved. The destination of the last kind is read from its TLS
@@ -13,12 +15,12 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -37,20 +39,48 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a DNS connection may stay idle between queries.
 const DNS_IDLE: Duration = Duration::from_secs(10);
 
+/// The source of the guest's connections to the proxy.
+pub(crate) enum Intake {
+    /// Relays hand over each connection on the Unix socket at this path.
+    Relay(PathBuf),
+    /// Listeners on [`SERVICE_ADDR`], each serving the port it is bound to.
+    Listeners(Vec<std::net::TcpListener>),
+}
+
 /// A running proxy; dropping it stops the proxy and every connection.
 pub(crate) struct Proxy {
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Proxy {
-    /// Listens on `socket` and serves the sandbox `sandbox` under `policy`.
-    pub fn start(sandbox: &str, socket: &Path, policy: &NetworkPolicy) -> io::Result<Self> {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
+    /// Serves the connections of sandbox `sandbox` from `intake` under
+    /// `policy`.
+    pub fn start(sandbox: &str, intake: Intake, policy: &NetworkPolicy) -> io::Result<Self> {
         let shared = Arc::new(Shared::new(sandbox, policy.clone(), HostProxy::from_env()));
-        let task = tokio::spawn(serve_relays(listener, Arc::clone(&shared)));
-        Ok(Self { shared, task })
+        // Tasks started before an error are aborted when `proxy` drops.
+        let mut proxy = Self {
+            shared: Arc::clone(&shared),
+            tasks: Vec::new(),
+        };
+        match intake {
+            Intake::Relay(socket) => {
+                let _ = std::fs::remove_file(&socket);
+                let listener = UnixListener::bind(&socket)?;
+                proxy
+                    .tasks
+                    .push(tokio::spawn(serve_relays(listener, shared)));
+            }
+            Intake::Listeners(listeners) => {
+                for listener in listeners {
+                    let port = listener.local_addr()?.port();
+                    let listener = TcpListener::from_std(listener)?;
+                    let task = serve_listener(listener, port, Arc::clone(&shared));
+                    proxy.tasks.push(tokio::spawn(task));
+                }
+            }
+        }
+        Ok(proxy)
     }
 
     pub fn stats(&self) -> NetworkStats {
@@ -60,7 +90,9 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -106,6 +138,20 @@ async fn serve_relays(listener: UnixListener, shared: Arc<Shared>) {
     .await;
 }
 
+/// Serves the guest connections that `listener` accepts on `port`.
+async fn serve_listener(listener: TcpListener, port: u16, shared: Arc<Shared>) {
+    serve_each(listener, "guest", move |stream| {
+        let shared = Arc::clone(&shared);
+        async move {
+            match guest_stream(stream) {
+                Ok(guest) => serve(guest, port, shared).await,
+                Err(err) => tracing::debug!(error = %err, "taking over a guest connection failed"),
+            }
+        }
+    })
+    .await;
+}
+
 /// Receives the guest connection and its destination port from a relay:
 /// two bytes of port and the socket as `SCM_RIGHTS`.
 async fn receive_connection(stream: &UnixStream) -> io::Result<(GuestStream, u16)> {
@@ -128,9 +174,18 @@ async fn receive_connection(stream: &UnixStream) -> io::Result<(GuestStream, u16
 }
 
 /// The guest's end of a connection: a connected stream socket from slirp,
-/// whose address family depends on the libslirp build. `UnixStream` only
-/// reads and writes it, which works for any stream socket.
+/// whose address family depends on the libslirp build, or a TCP connection
+/// accepted in the sandbox's namespace. `UnixStream` only reads and writes
+/// it, which works for any stream socket.
 type GuestStream = UnixStream;
+
+/// Takes over an accepted TCP connection as a [`GuestStream`].
+fn guest_stream(stream: TcpStream) -> io::Result<GuestStream> {
+    let socket = OwnedFd::from(stream.into_std()?);
+    let stream = std::os::unix::net::UnixStream::from(socket);
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
+}
 
 fn receive_fd(socket: RawFd) -> io::Result<(OwnedFd, u16)> {
     let mut port = [0u8; 2];

@@ -1,7 +1,7 @@
 //! QEMU's side of a sandbox network: a virtio-net device on slirp with
 //! `restrict=on`, so the guest reaches only the forwarding rules below.
 
-use super::{VmNetwork, GUEST_ADDR, GUEST_PREFIX, SERVICE_ADDR};
+use super::{GuestLink, VmNetwork, GUEST_ADDR, GUEST_PREFIX, SERVICE_ADDR};
 
 /// The `-netdev` and `-device` arguments for `network`.
 ///
@@ -15,11 +15,15 @@ pub(crate) fn netdev_args(network: &VmNetwork) -> Vec<String> {
     let mut netdev = format!(
         "user,id=net0,restrict=on,ipv6=off,net=10.0.2.0/{GUEST_PREFIX},host=10.0.2.2,dns=10.0.2.3"
     );
-    for port in network.forwarded_ports() {
-        let command = escape_commas(&network.relay_command(port));
-        netdev.push_str(&format!(
-            ",guestfwd=tcp:{SERVICE_ADDR}:{port}-cmd:{command}"
-        ));
+    // `prepare` builds a slirp link for QEMU, whose backend asks for one.
+    // Without it no guest connection is forwarded out.
+    if let GuestLink::Slirp(relay) = &network.link {
+        for port in network.forwarded_ports() {
+            let command = escape_commas(&relay.command(port));
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:{SERVICE_ADDR}:{port}-cmd:{command}"
+            ));
+        }
     }
     for published in &network.published {
         netdev.push_str(&format!(
@@ -47,18 +51,25 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::net::PublishedPort;
+    use crate::net::{PublishedPort, SlirpRelay};
+
+    fn slirp(relay: &str, proxy_socket: &str) -> GuestLink {
+        GuestLink::Slirp(SlirpRelay {
+            relay: PathBuf::from(relay),
+            proxy_socket: PathBuf::from(proxy_socket),
+        })
+    }
 
     #[test]
     fn netdev_restricts_and_forwards() {
         let network = VmNetwork {
             egress: true,
-            relay: PathBuf::from("/a,b/upstream-agent"),
-            proxy_socket: PathBuf::from("/run/sb/net.sock"),
             published: vec![PublishedPort {
                 guest: 8000,
                 host: "127.0.0.1:40000".parse().unwrap(),
             }],
+            bandwidth: None,
+            link: slirp("/a,b/upstream-agent", "/run/sb/net.sock"),
         };
         let args = netdev_args(&network);
         let netdev = &args[1];
@@ -77,9 +88,9 @@ mod tests {
     fn publish_only_forwards_nothing_out() {
         let network = VmNetwork {
             egress: false,
-            relay: PathBuf::from("/relay"),
-            proxy_socket: PathBuf::from("/net.sock"),
             published: Vec::new(),
+            bandwidth: None,
+            link: slirp("/relay", "/net.sock"),
         };
         assert!(!netdev_args(&network)[1].contains("guestfwd"));
     }

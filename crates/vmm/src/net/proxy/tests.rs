@@ -19,7 +19,7 @@ impl Harness {
     fn new(policy: NetworkPolicy) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("net.sock");
-        let proxy = Proxy::start("sb-test", &socket, &policy).unwrap();
+        let proxy = Proxy::start("sb-test", Intake::Relay(socket.clone()), &policy).unwrap();
         Self {
             _dir: dir,
             socket,
