@@ -121,6 +121,17 @@ fn list(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Finds a drive in the answer to `GET /vm/config` by id: Firecracker
+/// lists drives in no fixed order.
+fn drive<'a>(config: &'a Value, id: &str) -> &'a Value {
+    config["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|drive| drive["drive_id"] == id)
+        .unwrap_or_else(|| panic!("no drive {id} in {config}"))
+}
+
 fn process_gone(pid: u32, run_dir: &Path) -> bool {
     // A reused pid belongs to a process whose command line does not name
     // the run folder.
@@ -160,13 +171,11 @@ async fn configures_starts_and_tears_down() {
     assert_eq!(info["id"], "sb-fctest000001");
     assert_eq!(info["state"], "Running");
     let config: Value = api.get("/vm/config").await.unwrap();
-    let drives = config["drives"].as_array().unwrap();
-    assert_eq!(drives.len(), 2);
-    assert_eq!(drives[0]["drive_id"], "rootfs");
-    assert_eq!(drives[0]["is_read_only"], true);
-    assert_eq!(drives[0]["is_root_device"], false);
-    assert_eq!(drives[1]["drive_id"], "scratch");
-    assert_eq!(drives[1]["is_read_only"], false);
+    assert_eq!(config["drives"].as_array().unwrap().len(), 2);
+    let rootfs = drive(&config, "rootfs");
+    assert_eq!(rootfs["is_read_only"], true);
+    assert_eq!(rootfs["is_root_device"], false);
+    assert_eq!(drive(&config, "scratch")["is_read_only"], false);
     assert_eq!(config["vsock"]["guest_cid"], 3);
     assert_eq!(config["vsock"]["uds_path"], "v.sock");
     assert_eq!(config["machine-config"]["vcpu_count"], 1);
@@ -245,13 +254,7 @@ async fn snapshot_saves_and_restores() {
     let info: Value = api.get("/").await.unwrap();
     assert_eq!(info["state"], "Running");
     let config: Value = api.get("/vm/config").await.unwrap();
-    // A loaded snapshot lists its drives in no fixed order: find by id.
-    let scratch = config["drives"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|drive| drive["drive_id"] == "scratch")
-        .expect("the restored VM has a scratch drive");
+    let scratch = drive(&config, "scratch");
     assert_eq!(scratch["path_on_host"], "scratch-disk");
     assert_eq!(
         std::fs::read(&restored_spec.scratch_disk).unwrap(),
