@@ -5,7 +5,9 @@
 //! with a data directory prepared by `upstream setup`. RUNS (default 10)
 //! is the number of samples per figure. `upstream exec` is timed when the
 //! `upstream` binary sits next to this one (build it with
-//! `cargo build --release -p upstream-cli`).
+//! `cargo build --release -p upstream-cli`). The backend is the one
+//! `upstream` would pick, or `UPSTREAM_BACKEND`; run it once per backend
+//! for a column each.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,7 +21,8 @@ use upstream_image::ImageStore;
 use upstream_protocol::ExecRequest;
 use upstream_vmm::qemu::QemuBackend;
 use upstream_vmm::{
-    DataDir, Limits, Pool, PoolConfig, Runtime, RuntimeOptions, Sandbox, SandboxSpec, StartMode,
+    BackendKind, DataDir, Limits, Pool, PoolConfig, RunningVm, Runtime, RuntimeOptions, Sandbox,
+    SandboxSpec, StartMode, VmSpec,
 };
 
 /// The VM shape of every measured sandbox.
@@ -41,11 +44,22 @@ async fn main() -> anyhow::Result<()> {
     let data = DataDir::from_env();
     let runtime = Arc::new(Runtime::open(data.clone(), RuntimeOptions::default())?);
     let spec = base_spec(&data)?;
+    let kind = runtime.backend.kind();
+    println!("Backend: {}\n", kind.name());
     println!("| figure | median ms | p99 ms | runs |");
     println!("|---|---|---|---|");
 
-    let raw = measure(runs, || raw_boot(&runtime, &spec)).await?;
-    report("raw QEMU to agent hello (reference)", &raw);
+    let (label, raw) = match kind {
+        BackendKind::Qemu => (
+            "raw QEMU to agent hello (reference)",
+            measure(runs, || raw_qemu_boot(&runtime, &spec)).await?,
+        ),
+        BackendKind::Firecracker => (
+            "raw Firecracker to agent hello (reference)",
+            measure(runs, || raw_backend_boot(&runtime, &spec)).await?,
+        ),
+    };
+    report(label, &raw);
     let cold = measure(runs, || start_and_run(&runtime, &spec, false)).await?;
     report("cold boot to first command done", &cold);
     // Saves the snapshot if there is none, outside the measured runs.
@@ -148,15 +162,8 @@ fn ms(duration: Duration) -> f64 {
 /// The reference: QEMU started by hand with the same kernel, initramfs,
 /// root and scratch disk, timed until the agent's hello arrives (the
 /// guest's init is running). It bypasses upstream's own start code.
-async fn raw_boot(runtime: &Runtime, spec: &SandboxSpec) -> anyhow::Result<Duration> {
-    let run_dir = runtime
-        .data
-        .run()
-        .join(format!("bench-raw-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir)?;
-    let scratch = run_dir.join("scratch.ext4");
-    let blank = runtime.data.disk_templates().join("scratch-256.ext4");
-    std::fs::copy(&blank, &scratch).context("copying the 256 MiB scratch template")?;
+async fn raw_qemu_boot(runtime: &Runtime, spec: &SandboxSpec) -> anyhow::Result<Duration> {
+    let (run_dir, scratch) = raw_run_dir(runtime)?;
     let socket = run_dir.join("agent.sock");
     let listener = UnixListener::bind(&socket)?;
     let qemu = QemuBackend::find_binary().context("qemu-system-x86_64 not found")?;
@@ -221,6 +228,61 @@ async fn raw_boot(runtime: &Runtime, spec: &SandboxSpec) -> anyhow::Result<Durat
 
     child.kill().await?;
     std::fs::remove_dir_all(&run_dir)?;
+    Ok(elapsed)
+}
+
+/// Creates the run folder of a reference VM, with a blank 256 MiB scratch
+/// disk, and returns both paths.
+fn raw_run_dir(runtime: &Runtime) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let run_dir = runtime
+        .data
+        .run()
+        .join(format!("bench-raw-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let scratch = run_dir.join("scratch.ext4");
+    let blank = runtime.data.disk_templates().join("scratch-256.ext4");
+    std::fs::copy(&blank, &scratch).context("copying the 256 MiB scratch template")?;
+    Ok((run_dir, scratch))
+}
+
+/// Boots the guest through the backend alone, without upstream's sandbox
+/// layer (no network set-up, no handshake), and times it until the first
+/// byte of the agent's hello. For Firecracker this is the raw VMM: the
+/// backend only sends the API requests that configure and start it.
+async fn raw_backend_boot(runtime: &Runtime, spec: &SandboxSpec) -> anyhow::Result<Duration> {
+    let (run_dir, scratch) = raw_run_dir(runtime)?;
+    let vm_spec = VmSpec {
+        id: run_dir.file_name().unwrap().to_string_lossy().into_owned(),
+        run_dir: run_dir.clone(),
+        kernel: runtime.kernel.clone(),
+        initramfs: runtime.initramfs.clone(),
+        root_disk: spec.root_disk.clone(),
+        scratch_disk: scratch,
+        vcpus: LIMITS.vcpus,
+        memory_mib: LIMITS.memory_mib,
+        memory_file: None,
+        kernel_args: Vec::new(),
+        network: None,
+        background: false,
+    };
+
+    let started = Instant::now();
+    let RunningVm {
+        mut process,
+        channel,
+    } = runtime.backend.start(&vm_spec).await?;
+    let hello = async {
+        let mut stream = channel.connect().await?;
+        let mut first_byte = [0u8; 1];
+        stream.read_exact(&mut first_byte).await?;
+        anyhow::Ok(())
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(120), hello).await;
+    let elapsed = started.elapsed();
+
+    process.destroy().await;
+    std::fs::remove_dir_all(&run_dir)?;
+    waited.context("the guest agent did not connect within 120 s")??;
     Ok(elapsed)
 }
 
@@ -323,7 +385,7 @@ fn cli_exec(upstream: &PathBuf, data: &DataDir) -> anyhow::Result<Duration> {
 }
 
 /// Sandboxes restored per second with two at a time, and the memory an
-/// idle restored sandbox costs (proportional set size of its QEMU).
+/// idle restored sandbox costs (proportional set size of its VMM).
 async fn density(runtime: &Arc<Runtime>, spec: &SandboxSpec) -> anyhow::Result<()> {
     const COUNT: usize = 8;
     let started = Instant::now();
@@ -350,7 +412,7 @@ async fn density(runtime: &Arc<Runtime>, spec: &SandboxSpec) -> anyhow::Result<(
     }
     let mean = pss_kib.iter().sum::<u64>() as f64 / pss_kib.len() as f64;
     println!(
-        "| idle restored sandbox, PSS of its QEMU | {:.1} MiB | | {} |",
+        "| idle restored sandbox, PSS of its VMM | {:.1} MiB | | {} |",
         mean / 1024.0,
         pss_kib.len()
     );
