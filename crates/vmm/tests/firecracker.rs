@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use upstream_vmm::firecracker::{ApiClient, FirecrackerBackend};
+use upstream_vmm::firecracker::{ApiClient, FirecrackerBackend, Jailer};
 use upstream_vmm::net::{self, PortForward};
 use upstream_vmm::{Backend, HostInfo, NetworkPolicy, RunningVm, VmSpec};
 
@@ -121,7 +121,7 @@ fn list(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Finds a drive in the answer to `GET /vm/config` by id: Firecracker
+/// Finds a drive by id in the response to `GET /vm/config`: Firecracker
 /// lists drives in no fixed order.
 fn drive<'a>(config: &'a Value, id: &str) -> &'a Value {
     config["drives"]
@@ -327,6 +327,59 @@ fn prepare_network(backend: &FirecrackerBackend, spec: &mut VmSpec) -> net::Prep
     prepared
 }
 
+/// Returns a backend that runs `binary` under its jailer and the jailer's
+/// settings, or `None` after printing why the test is skipped.
+fn jailed_backend(test: &str, binary: &Path) -> Option<(FirecrackerBackend, Jailer)> {
+    let backend = FirecrackerBackend::new(binary.to_path_buf());
+    let Ok(Some(jailer)) = backend.jailer().map(|jailer| jailer.cloned()) else {
+        eprintln!("skipped {test}: the jailer needs root and a jailer binary beside firecracker");
+        return None;
+    };
+    if has_interpreter(binary) {
+        // The chroot contains the binary alone, without a dynamic loader.
+        eprintln!("skipped {test}: the jailer runs only statically linked Firecracker builds");
+        return None;
+    }
+    Some((backend, jailer))
+}
+
+/// Makes the shared files readable by the jailed user, who reads them
+/// through hard links in its chroot that keep these owners and modes.
+fn readable_by_jail(spec: &VmSpec) {
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&spec.kernel, &spec.initramfs, &spec.root_disk] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+/// Checks that VMM `pid` runs as the jailer's user and group, inside
+/// `chroot`, in a mount namespace of its own.
+fn check_jailed(pid: u32, chroot: &Path, jailer: &Jailer) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |field: &str| -> Vec<u32> {
+        let line = status.lines().find(|line| line.starts_with(field)).unwrap();
+        line[field.len()..]
+            .split_whitespace()
+            .map(|id| id.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(ids("Uid:"), [jailer.uid; 4], "{status}");
+    assert_eq!(ids("Gid:"), [jailer.gid; 4], "{status}");
+    // The jailer pivots into the chroot, so the VMM's root directory is the
+    // chroot's inode, while the link text reads "/" in its namespace.
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.dev(), meta.ino())
+    };
+    assert_eq!(
+        inode(Path::new(&format!("/proc/{pid}/root"))),
+        inode(chroot)
+    );
+    let mount_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(mount_ns(&pid.to_string()), mount_ns("self"));
+}
+
 /// Returns whether the ELF executable at `path` names a dynamic loader
 /// (has a `PT_INTERP` program header).
 fn has_interpreter(path: &Path) -> bool {
@@ -483,25 +536,13 @@ async fn jailed_vmm_joins_sandbox_namespace() {
     let Some(binary) = firecracker_with_network(test) else {
         return;
     };
-    let backend = FirecrackerBackend::new(binary.clone());
-    let Ok(Some(jailer)) = backend.jailer() else {
-        eprintln!("skipped {test}: no jailer beside the firecracker binary");
+    let Some((backend, jailer)) = jailed_backend(test, &binary) else {
         return;
     };
-    if has_interpreter(&binary) {
-        // The chroot contains the binary alone, without a dynamic loader.
-        eprintln!("skipped {test}: the jailer runs only statically linked Firecracker builds");
-        return;
-    }
     let owner = (jailer.uid, jailer.gid);
     let fixture = Fixture::new();
     let mut spec = fixture.spec("sb-fctest000009");
-    // The jailed user reads the shared files through hard links in its
-    // chroot, which keep these owners and modes.
-    use std::os::unix::fs::PermissionsExt;
-    for file in [&spec.kernel, &spec.initramfs, &spec.root_disk] {
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
+    readable_by_jail(&spec);
     assert_eq!(
         backend.network_attachment().unwrap(),
         net::Attachment::Tap { owner: Some(owner) }
@@ -511,13 +552,60 @@ async fn jailed_vmm_joins_sandbox_namespace() {
     let vm = backend.start(&spec).await.unwrap();
 
     let pid = vm.process.pid().unwrap();
-    let chroot = upstream_vmm::firecracker::Jailer::chroot(&binary, &spec.run_dir, &spec.id);
+    let chroot = Jailer::chroot(&binary, &spec.run_dir, &spec.id);
+    check_jailed(pid, &chroot, &jailer);
     let api = ApiClient::new(chroot.join("fc.sock"));
     check_network(&api, pid, &spec).await;
     let mut process = vm.process;
     process.destroy().await;
     assert_eq!(list(&spec.run_dir), ["scratch.ext4"], "files left behind");
     drop_and_check_network(prepared, &spec);
+}
+
+#[tokio::test]
+async fn jailed_snapshot_saves_and_restores() {
+    let test = "jailed_snapshot_saves_and_restores";
+    let Some(binary) = firecracker(test) else {
+        return;
+    };
+    let Some((backend, jailer)) = jailed_backend(test, &binary) else {
+        return;
+    };
+    let fixture = Fixture::new();
+    let spec = fixture.spec("sb-fctest000010");
+    readable_by_jail(&spec);
+    let snapshot = fixture.dir.path().join("snapshot");
+    let mut vm = backend.start(&spec).await.unwrap();
+    std::fs::write(&spec.scratch_disk, b"written in the jail").unwrap();
+
+    backend
+        .save_snapshot(vm.process.as_mut(), &snapshot)
+        .await
+        .unwrap();
+    vm.process.destroy().await;
+    assert_eq!(list(&spec.run_dir), ["scratch.ext4"], "files left behind");
+
+    let restored_spec = fixture.spec("sb-fctest000011");
+    let mut restored = backend.restore(&restored_spec, &snapshot).await.unwrap();
+
+    let pid = restored.process.pid().unwrap();
+    let chroot = Jailer::chroot(&binary, &restored_spec.run_dir, &restored_spec.id);
+    check_jailed(pid, &chroot, &jailer);
+    let api = ApiClient::new(chroot.join("fc.sock"));
+    let info: Value = api.get("/").await.unwrap();
+    assert_eq!(info["state"], "Running");
+    // The restored VM writes to its own copy of the snapshot's scratch disk.
+    assert_eq!(
+        std::fs::read(chroot.join("scratch-disk")).unwrap(),
+        b"written in the jail"
+    );
+    assert!(chroot.join("v.sock_1024").exists());
+    restored.process.destroy().await;
+    assert_eq!(
+        list(&restored_spec.run_dir),
+        ["scratch.ext4"],
+        "files left behind"
+    );
 }
 
 /// Boots the real guest kernel and agent and runs a command. Needs
