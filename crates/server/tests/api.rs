@@ -418,32 +418,13 @@ async fn run_records_turn_and_artifacts() {
     );
     assert!(run.document.contains("done"));
     let http = reqwest::Client::new();
-    let context: serde_json::Value = http
-        .get(server.url("/v1/contexts/api-test"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let context: serde_json::Value = server.get_json("/v1/contexts/api-test").await;
     assert_eq!(context["turns"].as_array().unwrap().len(), 1);
-    let artifacts: serde_json::Value = http
-        .get(server.url("/v1/contexts/api-test/artifacts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let artifacts: serde_json::Value = server.get_json("/v1/contexts/api-test/artifacts").await;
     assert_eq!(artifacts["artifacts"][0]["name"], "result.txt");
-    let content = http
-        .get(server.url("/v1/contexts/api-test/artifacts/result.txt"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let content = server
+        .get_text("/v1/contexts/api-test/artifacts/result.txt")
+        .await;
     assert_eq!(content, "42\n");
     let missing = http
         .get(server.url("/v1/contexts/no-such-context"))

@@ -95,14 +95,7 @@ async fn document_matches_router_and_responses() {
 
     // Real responses validate against their schemas.
     let http = reqwest::Client::new();
-    let health: Value = http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = server.get_json("/healthz").await;
     assert_valid(&document, "Health", &health);
 
     let created = http
@@ -116,14 +109,9 @@ async fn document_matches_router_and_responses() {
     assert_valid(&document, "Sandbox", &sandbox);
     let id = sandbox["id"].as_str().unwrap();
 
-    let list: Value = http
-        .get(server.url("/v1/sandboxes?metadata.suite=openapi&state=running"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = server
+        .get_json("/v1/sandboxes?metadata.suite=openapi&state=running")
+        .await;
     assert_valid(&document, "SandboxList", &list);
     assert_eq!(list["sandboxes"].as_array().unwrap().len(), 1);
 
@@ -140,24 +128,14 @@ async fn document_matches_router_and_responses() {
     assert_eq!(result["exit"]["exit_code"], 3);
     assert_eq!(result["stderr"], "err\n");
 
-    let processes: Value = http
-        .get(server.url(&format!("/v1/sandboxes/{id}/processes")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let processes: Value = server
+        .get_json(&format!("/v1/sandboxes/{id}/processes"))
+        .await;
     assert_valid(&document, "ProcessList", &processes);
 
-    let files: Value = http
-        .get(server.url(&format!("/v1/sandboxes/{id}/files/list?path=/")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let files: Value = server
+        .get_json(&format!("/v1/sandboxes/{id}/files/list?path=/"))
+        .await;
     assert_valid(&document, "FileList", &files);
 
     // Errors: a bad field names it, an unknown sandbox is 404, both with the Error body.
@@ -194,24 +172,10 @@ async fn document_matches_router_and_responses() {
         .unwrap();
     assert_eq!(destroyed.status(), 204);
 
-    let contexts: Value = http
-        .get(server.url("/v1/contexts"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let contexts: Value = server.get_json("/v1/contexts").await;
     assert_valid(&document, "ContextList", &contexts);
 
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.get_text("/metrics").await;
     assert!(metrics.contains(
         "upstream_http_requests_total{route=\"/v1/sandboxes/{id}\",method=\"GET\",status=\"404\"} 1\n"
     ));

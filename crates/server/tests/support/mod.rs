@@ -67,6 +67,24 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Sends `GET path` and returns the body, parsed as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).await.json().await.unwrap()
+    }
+
+    /// Sends `GET path` and returns the body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("GET {path}: {err}"))
+    }
+
     /// Shuts the server down and waits until it has destroyed its sandboxes.
     pub async fn stop(mut self) -> tempfile::TempDir {
         self.stop.take().unwrap().send(()).unwrap();
