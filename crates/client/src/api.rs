@@ -163,8 +163,12 @@ pub struct ExitInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExecResult {
     pub process_id: String,
-    /// `None` while the command runs.
+    pub state: ProcessState,
+    /// `None` while the command runs, and when it failed.
     pub exit: Option<ExitInfo>,
+    /// Why the command failed (state `failed`): it could not start, such as
+    /// `command_not_found`, or the guest connection broke.
+    pub error: Option<ErrorDetail>,
     pub stdout: String,
     pub stdout_encoding: Encoding,
     pub stderr: String,
@@ -200,7 +204,8 @@ impl ExecResult {
 pub enum ProcessState {
     Running,
     Exited,
-    /// The connection to the guest failed before the command's exit was known.
+    /// The command could not start, or the connection to the guest failed before
+    /// its exit was known.
     Failed,
 }
 
@@ -213,6 +218,8 @@ pub struct Process {
     pub background: bool,
     pub state: ProcessState,
     pub exit: Option<ExitInfo>,
+    /// Why the command failed, when its state is `failed`.
+    pub error: Option<ErrorDetail>,
     /// Sequence number of the last output event so far (0 when none).
     pub last_seq: u64,
     pub started_at: String,

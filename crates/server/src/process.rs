@@ -80,6 +80,26 @@ pub struct OutputLog {
 }
 
 impl OutputLog {
+    /// The state, exit and error of the process, as the API reports them.
+    fn state(
+        &self,
+    ) -> (
+        api::ProcessState,
+        Option<api::ExitInfo>,
+        Option<api::ErrorDetail>,
+    ) {
+        match &self.ending {
+            None => (api::ProcessState::Running, None, None),
+            Some(Ending::Exited(status)) => {
+                (api::ProcessState::Exited, Some(exit_info(status)), None)
+            }
+            Some(Ending::Failed(failure)) => (
+                api::ProcessState::Failed,
+                None,
+                Some(crate::api::ApiError::from_failure(failure).detail()),
+            ),
+        }
+    }
     pub fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes,
@@ -231,17 +251,14 @@ impl Process {
 
     pub fn summary(&self) -> api::Process {
         let log = self.log.lock().unwrap();
-        let (state, exit) = match &log.ending {
-            None => (api::ProcessState::Running, None),
-            Some(Ending::Exited(status)) => (api::ProcessState::Exited, Some(exit_info(status))),
-            Some(Ending::Failed(_)) => (api::ProcessState::Failed, None),
-        };
+        let (state, exit, error) = log.state();
         api::Process {
             id: self.id.clone(),
             command: self.command.clone(),
             background: self.background,
             state,
             exit,
+            error,
             last_seq: log.last_seq,
             started_at: crate::rfc3339(self.started_at),
         }
@@ -253,13 +270,12 @@ impl Process {
         let (stdout, stderr) = log.collected();
         let (stdout, stdout_encoding) = api::encode(&stdout);
         let (stderr, stderr_encoding) = api::encode(&stderr);
-        let exit = match &log.ending {
-            Some(Ending::Exited(status)) => Some(exit_info(status)),
-            _ => None,
-        };
+        let (state, exit, error) = log.state();
         api::ExecResult {
             process_id: self.id.clone(),
+            state,
             exit,
+            error,
             stdout,
             stdout_encoding,
             stderr,

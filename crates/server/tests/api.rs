@@ -145,6 +145,22 @@ async fn exec_streams_times_out_and_reattaches() {
     assert_eq!(missing.status(), Some(422));
     assert_eq!(missing.code(), Some("command_not_found"));
 
+    // In the background the same failure is in the process record: polling ends.
+    let missing = client
+        .exec_background(id, &api::Exec::command(["no-such-program"]))
+        .await
+        .unwrap();
+    let missing = wait_for_end(&server, id, &missing.id).await;
+    assert_eq!(missing.state, api::ProcessState::Failed);
+    assert_eq!(missing.exit, None);
+    let error = missing.error.expect("a failed process says why");
+    assert_eq!(error.code, "command_not_found");
+    assert!(
+        error.message.contains("no-such-program"),
+        "{}",
+        error.message
+    );
+
     // A background process can be reattached from a sequence number, then killed.
     let process = client
         .exec_background(
@@ -205,13 +221,20 @@ async fn exec_streams_times_out_and_reattaches() {
 }
 
 async fn wait_for_exit(server: &TestServer, id: &str, pid: &str) -> api::ExecResult {
+    let result = wait_for_end(server, id, pid).await;
+    assert_eq!(result.state, api::ProcessState::Exited, "{result:?}");
+    result
+}
+
+/// Polls a process until it is no longer running.
+async fn wait_for_end(server: &TestServer, id: &str, pid: &str) -> api::ExecResult {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let result = server.client.process(id, pid).await.unwrap();
-        if result.exit.is_some() {
+        if result.state != api::ProcessState::Running {
             return result;
         }
-        assert!(Instant::now() < deadline, "process {pid} did not exit");
+        assert!(Instant::now() < deadline, "process {pid} did not end");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

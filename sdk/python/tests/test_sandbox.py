@@ -54,6 +54,16 @@ class SandboxTest(unittest.TestCase):
             self.assertEqual(caught.exception.status, 422)
             self.assertEqual(caught.exception.code, "command_not_found")
 
+            background = sandbox.exec_background(["no-such-program"])
+            deadline = time.monotonic() + 20
+            result = sandbox.process(background.id)
+            while result.running and time.monotonic() < deadline:
+                time.sleep(0.1)
+                result = sandbox.process(background.id)
+            self.assertEqual(result.state, "failed")
+            self.assertIsNone(result.exit_code)
+            self.assertEqual(result.error["code"], "command_not_found")
+
             with self.assertRaises(UpstreamError) as caught:
                 self.client.create_sandbox(vcpus=0)
             self.assertEqual(caught.exception.status, 400)

@@ -39,8 +39,10 @@ def _as_bytes(data: Bytes) -> bytes:
 
 @dataclass
 class ExecResult:
-    """Output and exit of a command. ``exit_code`` is ``None`` while it runs or when a
-    signal ended it (then ``signal`` is set)."""
+    """Output and exit of a command. ``exit_code`` is ``None`` while it runs, when a
+    signal ended it (then ``signal`` is set) or when it failed. ``state`` is
+    ``running``, ``exited`` or ``failed``; a failed command could not start or lost
+    its guest connection, and ``error`` (code, message) says why."""
 
     process_id: str
     stdout: bytes
@@ -51,6 +53,8 @@ class ExecResult:
     duration_secs: Optional[float]
     dropped_bytes: int
     running: bool
+    state: str
+    error: Optional[Dict[str, Any]]
 
     @classmethod
     def from_json(cls, body: Dict[str, Any]) -> "ExecResult":
@@ -64,7 +68,9 @@ class ExecResult:
             timed_out=bool(exit_info.get("timed_out", False)),
             duration_secs=exit_info.get("duration_secs"),
             dropped_bytes=body["dropped_bytes"],
-            running=body.get("exit") is None,
+            running=body["state"] == "running",
+            state=body["state"],
+            error=body.get("error"),
         )
 
 
@@ -77,6 +83,7 @@ class Process:
     background: bool
     state: str
     exit: Optional[Dict[str, Any]]
+    error: Optional[Dict[str, Any]]
     last_seq: int
 
     @classmethod
@@ -87,6 +94,7 @@ class Process:
             background=body["background"],
             state=body["state"],
             exit=body.get("exit"),
+            error=body.get("error"),
             last_seq=body["last_seq"],
         )
 
