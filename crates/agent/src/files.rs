@@ -152,8 +152,20 @@ pub fn list_dir(path: &str) -> Response {
     Response::Dir { entries: listed }
 }
 
+/// Removes a file, a symbolic link or a folder with everything in it. The
+/// root folder is refused, under any spelling: removing it would break every
+/// later command of the sandbox and still fail on the mounts inside it.
 pub fn remove(path: &str) -> Response {
     let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() && is_root(path) => {
+            return Response::Error {
+                kind: ErrorKind::InvalidRequest,
+                message: format!(
+                    "{path} is the root folder, which cannot be removed; remove the entries \
+                     inside it instead"
+                ),
+            };
+        }
         Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
         Err(err) => Err(err),
@@ -162,6 +174,10 @@ pub fn remove(path: &str) -> Response {
         Ok(()) => Response::Ok,
         Err(err) => error_response(path, &err),
     }
+}
+
+fn is_root(path: &str) -> bool {
+    fs::canonicalize(path).is_ok_and(|resolved| resolved == std::path::Path::new("/"))
 }
 
 fn error_response(path: &str, err: &std::io::Error) -> Response {

@@ -201,6 +201,34 @@ async fn files_round_trip_byte_for_byte() {
 }
 
 #[tokio::test]
+async fn removing_root_folder_is_refused() {
+    let vm = require_vm!();
+    let sandbox = vm.sandbox().await;
+    let (_, _, status) = sh(&sandbox, "mkdir -p /data/dir && ln -s / /data/dir/up").await;
+    assert_eq!(status.code, Some(0));
+
+    for path in ["/", "//", "/tmp/..", "/data/dir/up/."] {
+        let refused = sandbox.agent().remove(path).await;
+        assert!(
+            matches!(
+                &refused,
+                Err(Error::Guest {
+                    kind: ErrorKind::InvalidRequest,
+                    ..
+                })
+            ),
+            "{path}: {refused:?}"
+        );
+    }
+    // A link to the root is removed as a link, and the system is intact.
+    sandbox.agent().remove("/data/dir/up").await.unwrap();
+    let (stdout, _, status) = sh(&sandbox, "ls /etc/passwd /data/dir && echo intact").await;
+    assert_eq!(status.code, Some(0));
+    assert!(String::from_utf8(stdout).unwrap().ends_with("intact\n"));
+    sandbox.destroy().await;
+}
+
+#[tokio::test]
 async fn limits_are_applied() {
     let vm = require_vm!();
     let limits = Limits {
