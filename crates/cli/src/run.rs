@@ -28,8 +28,8 @@ pub struct RunArgs {
     /// Write the document with results to PATH and leave the document untouched.
     #[arg(long, short = 'o', value_name = "PATH")]
     output: Option<PathBuf>,
-    /// Run, write nothing, and exit with code 4 if the results differ from those in the
-    /// document in anything but timings.
+    /// Run, write nothing (neither the document nor a turn in the context), and exit with
+    /// code 4 if the results differ from those in the document in anything but timings.
     #[arg(long, conflicts_with = "output")]
     check: bool,
     /// Print events as JSON Lines (`{"type": ..., "data": ...}`) on stdout.

@@ -84,6 +84,12 @@ fn session_state_carries_between_steps() {
         3
     );
 
+    let turns = |home: &Home| {
+        let show = home.run(&["context", "show", "--json", "."]);
+        let detail: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        detail["turns"].as_array().unwrap().len()
+    };
+    let before = turns(&home);
     let check = home.run(&["run", "--check", "session.md"]);
     assert!(check.status.success(), "{}", text(&check.stderr));
     assert_eq!(
@@ -91,6 +97,7 @@ fn session_state_carries_between_steps() {
         written,
         "--check must not write"
     );
+    assert_eq!(turns(&home), before, "--check must not record a turn");
 }
 
 #[test]

@@ -71,6 +71,12 @@ pub trait ContextStore: Send + Sync {
     /// Ends the turn with `outcome` and releases the context's lock.
     fn finish_turn(&self, turn: TurnGuard, outcome: TurnOutcome) -> Result<TurnRecord>;
 
+    /// Deletes a running turn with its steps and artifacts and releases the context's
+    /// lock, so the next turn starts as if it had never run (a check run). The context
+    /// stays, even when it has no turns left. Blobs are freed by the next
+    /// [`ContextStore::gc`].
+    fn discard_turn(&self, turn: TurnGuard) -> Result<()>;
+
     /// Lists every context, sorted by name.
     fn list_contexts(&self) -> Result<Vec<ContextSummary>>;
 

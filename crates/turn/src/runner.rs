@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 use upstream_image::{ImageStore, LocalImage, NoProgress};
 use upstream_runbook::{render_with_options, Document, RenderOptions, StepReport};
 use upstream_store::{
-    default_context_name, BeginOptions, ContextStore, Digest, DocumentInfo, StoreError, TurnDetail,
-    TurnGuard, TurnOutcome,
+    default_context_name, BeginOptions, ContextStore, Digest, DocumentInfo, StoreError, Timestamp,
+    TurnDetail, TurnGuard, TurnOutcome,
 };
 use upstream_vmm::{Runtime, Sandbox, SandboxSpec};
 
@@ -67,7 +67,8 @@ pub enum DocumentTarget {
     InPlace,
     /// Into another file; the document stays untouched.
     File(PathBuf),
-    /// Nowhere: the result carries the rendered text, as `--check` needs.
+    /// Nowhere: the result carries the rendered text, as `--check` needs. The turn is
+    /// not kept in the context store either.
     Discard,
 }
 
@@ -209,12 +210,22 @@ impl TurnRunner {
             &options.render,
         );
         let written = run.write_document(&rendered);
-        let id = guard.id().clone();
-        self.store.finish_turn(guard, store_outcome(kind))?;
+        let turn = if options.target == DocumentTarget::Discard {
+            // A check leaves no turn behind: the next turn must load the same context
+            // it would have loaded without the check.
+            let mut turn = self.turn_detail(&context, guard.id())?;
+            turn.turn.state = store_outcome(kind).into();
+            turn.turn.ended_at = Some(Timestamp::now());
+            self.store.discard_turn(guard)?;
+            turn
+        } else {
+            let id = guard.id().clone();
+            self.store.finish_turn(guard, store_outcome(kind))?;
+            self.turn_detail(&context, &id)?
+        };
         let written_to = written?;
         outcome?;
 
-        let turn = self.turn_detail(&context, &id)?;
         events(TurnEvent::TurnFinished {
             outcome: kind,
             turn: Box::new(turn.clone()),

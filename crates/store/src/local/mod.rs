@@ -232,6 +232,10 @@ impl ContextStore for LocalStore {
         self.finish(turn, outcome)
     }
 
+    fn discard_turn(&self, turn: TurnGuard) -> Result<()> {
+        self.discard(turn)
+    }
+
     fn list_contexts(&self) -> Result<Vec<ContextSummary>> {
         self.read(queries::list_contexts)
     }

@@ -993,3 +993,36 @@ fn open_creates_store_layout() {
     assert_eq!(locks, 1);
     assert!(Path::new(&root.join("upstream.db-wal")).exists());
 }
+
+#[test]
+fn discarded_turn_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+    let guard = begin(&store, "ctx");
+    add(&store, &guard, "kept.txt", b"first");
+    store.finish_turn(guard, TurnOutcome::Succeeded).unwrap();
+
+    let check = begin(&store, "ctx");
+    add(&store, &check, "kept.txt", b"from the check");
+    add(&store, &check, "new.txt", b"new");
+    store
+        .record_step(&check, &step(0, 0), &mut &b"output"[..])
+        .unwrap();
+    store.discard_turn(check).unwrap();
+
+    let detail = store.context("ctx").unwrap();
+    assert_eq!(detail.turns.len(), 1);
+    let names: Vec<String> = store
+        .visible_artifacts("ctx")
+        .unwrap()
+        .into_iter()
+        .map(|artifact| artifact.name)
+        .collect();
+    assert_eq!(names, ["kept.txt"]);
+    assert_eq!(read_artifact(&store, "ctx", "kept.txt"), b"first");
+    // The check's two artifact blobs; its step output lived in its row.
+    assert_eq!(store.gc().unwrap().blobs_removed, 2);
+    // The lock is free again.
+    let next = begin(&store, "ctx");
+    store.finish_turn(next, TurnOutcome::Succeeded).unwrap();
+}

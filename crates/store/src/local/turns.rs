@@ -383,6 +383,23 @@ impl LocalStore {
         drop(turn);
         Ok(record)
     }
+
+    pub(super) fn discard(&self, turn: TurnGuard) -> Result<()> {
+        {
+            let mut conn = self.conn();
+            let tx = immediate(&mut conn, "discard a turn")?;
+            running_turn_seq(&tx, turn.id())?;
+            // Steps and artifacts go with the turn through ON DELETE CASCADE.
+            tx.execute("DELETE FROM turns WHERE id = ?1", [turn.id()])
+                .map_err(StoreError::db("discard a turn"))?;
+            tx.commit()
+                .map_err(StoreError::db("commit a discarded turn"))?;
+        }
+        tracing::debug!(turn = %turn.id(), "discarded turn");
+        // The row is gone, so the lease's interrupt-on-drop update changes nothing.
+        drop(turn);
+        Ok(())
+    }
 }
 
 /// Lock on a context held by a [`TurnGuard`] of [`LocalStore`].
