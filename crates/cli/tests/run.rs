@@ -182,10 +182,11 @@ fn turns_chain_through_context() {
     let Some(home) = Home::new() else { return };
     home.document(
         "one.md",
-        "---\nartifacts: [out/*.txt]\n---\n\n```bash\n\
+        "---\nartifacts: [out/*.txt, \"deep/**/*.log\"]\n---\n\n```bash\n\
          echo '{\"mean\": 42.3}' > \"$UPSTREAM_ARTIFACTS/results.json\"\n\
          printf 'notes\\n\\000\\377' > \"$UPSTREAM_ARTIFACTS/notes.txt\"\n\
-         mkdir -p out && echo globbed > out/extra.txt\n```\n",
+         mkdir -p out && echo globbed > out/extra.txt\n\
+         mkdir -p deep/a/b && echo deep > deep/a/b/x.log\n```\n",
     );
     home.document(
         "two.md",
@@ -204,13 +205,13 @@ fn turns_chain_through_context() {
     assert!(first.status.success(), "{}", text(&first.stderr));
     assert!(!text(&first.stderr).contains("Context loaded"));
     let blobs_after_first = home.blob_count();
-    assert_eq!(blobs_after_first, 3, "three distinct artifact contents");
+    assert_eq!(blobs_after_first, 4, "four distinct artifact contents");
 
     let second = home.run(&["run", "two.md"]);
     let stderr = text(&second.stderr);
     assert!(second.status.success(), "{stderr}");
     assert!(
-        stderr.contains("Context loaded: 3 artifacts from previous turn"),
+        stderr.contains("Context loaded: 4 artifacts from previous turn"),
         "{stderr}"
     );
     let written = fs::read_to_string(home.docs.path().join("two.md")).unwrap();
@@ -240,6 +241,11 @@ fn turns_chain_through_context() {
         fs::read(home.docs.path().join("extra.txt")).unwrap(),
         b"globbed\n"
     );
+
+    // `**` matched across folders, although the base image's /bin/sh is dash.
+    let got = home.run(&["context", "get", ".", "deep/a/b/x.log"]);
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert_eq!(got.stdout, b"deep\n");
 
     let export = home.docs.path().join("export");
     let exported = home.run(&["context", "export", ".", export.to_str().unwrap()]);

@@ -5,7 +5,7 @@
 //! fixed strings: document text, patterns and paths reach them only as arguments or as
 //! uploaded files, never spliced into a command line.
 
-use upstream_protocol::ExecRequest;
+use upstream_protocol::{ErrorKind, ExecRequest};
 use upstream_vmm::{ExecEvent, Sandbox};
 
 use crate::error::TurnError;
@@ -78,7 +78,8 @@ exit 0
 
 /// Lists regular files matching glob patterns, relative to the working directory, as
 /// NUL-terminated paths. Arguments: the working directory, then the patterns. Under bash
-/// `**` matches across folders; other shells match it like `*`.
+/// `**` matches across folders; other shells match it like `*`. It runs under bash where
+/// the image has it (see [`list_artifacts`]).
 const GLOB_SCRIPT: &str = r#"cd -- "$1" || exit 0
 shift
 if [ -n "$BASH_VERSION" ]; then shopt -s globstar nullglob dotglob; fi
@@ -150,8 +151,19 @@ async fn run_helper(
     args: &[&str],
     as_image_user: bool,
 ) -> Result<HelperOutput, TurnError> {
+    run_helper_in(HELPER_SHELL, sandbox, script, args, as_image_user).await
+}
+
+/// Runs `script` under `shell`, as [`run_helper`] does under `/bin/sh`.
+async fn run_helper_in(
+    shell: &str,
+    sandbox: &Sandbox,
+    script: &str,
+    args: &[&str],
+    as_image_user: bool,
+) -> Result<HelperOutput, TurnError> {
     let mut argv = vec![
-        HELPER_SHELL.to_owned(),
+        shell.to_owned(),
         "-c".to_owned(),
         script.to_owned(),
         "upstream-helper".to_owned(),
@@ -235,8 +247,15 @@ pub async fn expand_globs(
 ) -> Result<Vec<String>, TurnError> {
     let mut args = vec![workdir];
     args.extend(patterns.iter().map(String::as_str));
-    // Globs run as the steps' user, so they see what the steps could see.
-    let output = run_helper(sandbox, GLOB_SCRIPT, &args, true).await?;
+    // Globs run as the steps' user, so they see what the steps could see, and under
+    // bash where the image has it, because /bin/sh is often dash, where `**` is `*`.
+    let output = match run_helper_in("bash", sandbox, GLOB_SCRIPT, &args, true).await {
+        Err(TurnError::Sandbox(upstream_vmm::Error::Guest {
+            kind: ErrorKind::NotFound,
+            ..
+        })) => run_helper(sandbox, GLOB_SCRIPT, &args, true).await?,
+        other => other?,
+    };
     Ok(output
         .stdout
         .split(|&byte| byte == 0)
