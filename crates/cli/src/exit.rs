@@ -74,7 +74,11 @@ pub fn classify(err: &upstream_vmm::Error) -> Exit {
     use upstream_vmm::Error as E;
     match err {
         E::KernelMissing(_) | E::AgentMissing(_) | E::BackendUnavailable { .. } => Exit::NotReady,
-        E::UnknownBackend(_) | E::OutOfRange { .. } => Exit::Usage,
+        // A VMM binary that is not there, such as a wrong UPSTREAM_QEMU.
+        E::VmmSpawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Exit::NotReady
+        }
+        E::UnknownBackend(_) | E::OutOfRange { .. } | E::InvalidEnv { .. } => Exit::Usage,
         E::Guest {
             kind: ErrorKind::NotFound,
             ..
@@ -89,4 +93,41 @@ pub fn classify(err: &upstream_vmm::Error) -> Exit {
         } => Exit::Usage,
         _ => Exit::SandboxFailed,
     }
+}
+
+/// The exit code of an image error: a bad reference, archive or image is the caller's
+/// value (2), and a broken Docker config is the host's set-up (3).
+pub fn classify_image(err: &upstream_image::ImageError) -> Exit {
+    use upstream_image::ImageError as E;
+    match err {
+        E::InvalidReference { .. }
+        | E::NotFound { .. }
+        | E::NotLocal { .. }
+        | E::NoMatchingPlatform { .. }
+        | E::InvalidImage { .. }
+        | E::HostileLayer { .. }
+        | E::UnpackLimit { .. } => Exit::Usage,
+        E::DockerConfig { .. } => Exit::NotReady,
+        _ => Exit::SandboxFailed,
+    }
+}
+
+/// The exit code of an error: the one a [`Failure`] carries, else the first sandbox or
+/// image error in its chain, else 125.
+pub fn of(err: &anyhow::Error) -> Exit {
+    if let Some(failure) = err.downcast_ref::<Failure>() {
+        return failure.exit;
+    }
+    for cause in err.chain() {
+        if let Some(err) = cause.downcast_ref::<upstream_vmm::Error>() {
+            return classify(err);
+        }
+        if let Some(err) = cause.downcast_ref::<upstream_image::ImageError>() {
+            return classify_image(err);
+        }
+        if let Some(upstream_server::ServerError::NoKeys) = cause.downcast_ref() {
+            return Exit::NotReady;
+        }
+    }
+    Exit::SandboxFailed
 }

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use upstream_vmm::{DataDir, RuntimeOptions};
 
-use crate::exit::{Exit, Failure};
+use crate::exit::Failure;
 
 /// Run commands and Markdown turns in hardware-isolated microVMs.
 #[derive(Parser)]
@@ -112,9 +112,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            let exit = err
-                .downcast_ref::<Failure>()
-                .map_or(Exit::SandboxFailed, |f| f.exit);
+            let exit = exit::of(&err);
             eprintln!("upstream: {}", format_chain(&err));
             ExitCode::from(exit.code())
         }

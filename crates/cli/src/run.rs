@@ -1,7 +1,7 @@
 //! `upstream run`: Markdown turns in sandboxes, results written back into the documents.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,9 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
             "--output takes one document; run the documents one at a time",
         )
         .into());
+    }
+    if let Some(output) = &args.output {
+        check_output_folder(output)?;
     }
     let requests = args
         .documents
@@ -124,6 +127,27 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Fails with a usage error when `--output PATH` cannot be written because its folder is
+/// missing, before a sandbox boots and the turn's results have nowhere to go.
+fn check_output_folder(output: &Path) -> anyhow::Result<()> {
+    let folder = match output.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    if folder.is_dir() {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Exit::Usage,
+        format!(
+            "--output {}: folder {} does not exist; create it or write to an existing folder",
+            output.display(),
+            folder.display()
+        ),
+    )
+    .into())
 }
 
 fn turn_options(args: &RunArgs) -> TurnOptions {

@@ -147,6 +147,29 @@ fn missing_setup_says_to_run_setup() {
 }
 
 #[test]
+fn bad_values_exit_with_usage_code() {
+    let home = Home::without_vm();
+    let junk = home.document("junk.tar", "not a tar archive");
+    let junk = junk.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["run", "--dry-run", "/nonexistent.md"], "/nonexistent.md"),
+        (
+            &["run", "-o", "/nonexistent/dir/out.md", "doc.md"],
+            "folder /nonexistent/dir does not exist",
+        ),
+        (&["image", "pull", "Not A Valid Ref!!"], "Not A Valid Ref!!"),
+        (&["image", "rm", "no-such-image"], "no-such-image"),
+        (&["image", "import", junk], "junk.tar"),
+    ];
+    for (args, message) in cases {
+        let output = home.run(args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "args {args:?}: {stderr}");
+        assert!(stderr.contains(message), "args {args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn unknown_backend_is_a_usage_error() {
     let Some(home) = Home::new() else { return };
     let output = home.run(&["exec", "--backend", "vmware", "--", "true"]);

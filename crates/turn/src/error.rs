@@ -79,7 +79,9 @@ impl TurnError {
     pub fn is_usage_error(&self) -> bool {
         matches!(
             self,
-            TurnError::Parse { .. } | TurnError::InvalidSetting { .. }
+            TurnError::Parse { .. }
+                | TurnError::InvalidSetting { .. }
+                | TurnError::ReadDocument { .. }
         )
     }
 }
