@@ -74,8 +74,9 @@ pub async fn run(data: &DataDir, command: ContextCommand) -> anyhow::Result<u8> 
                 .export_context(&resolve(&store, &name)?, &dir)
                 .map_err(store_failure)?;
             eprintln!(
-                "Exported {} artifacts ({}){} to {}",
+                "Exported {} artifact{} ({}){} to {}",
                 report.artifacts,
+                if report.artifacts == 1 { "" } else { "s" },
                 format_bytes(report.artifact_bytes),
                 if report.workspace_snapshot {
                     " and the workspace snapshot"

@@ -46,10 +46,17 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
+/// Parses a duration flag the way turn documents write durations (`500ms`, `90s`,
+/// `1h30m`), so a value means the same on the command line and in front matter. Zero is
+/// rejected: every duration flag is a limit or a wait.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|err| {
-        format!("invalid duration '{text}' ({err}); use a value such as 30s, 5m or 1h")
-    })
+    let duration = upstream_runbook::parse_duration(text).map_err(|err| err.to_string())?;
+    if duration.is_zero() {
+        return Err(format!(
+            "duration `{text}` is zero; give a positive value such as 500ms or 30s"
+        ));
+    }
+    Ok(duration)
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -70,6 +77,14 @@ pub fn env_pairs(env: &[String]) -> Vec<(String, String)> {
 }
 
 pub async fn run(data: &DataDir, args: ExecArgs) -> anyhow::Result<u8> {
+    // The same rule as `workdir` in front matter; the guest creates a missing folder.
+    if let Some(dir) = args.workdir.as_deref().filter(|dir| !dir.starts_with('/')) {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("--workdir {dir} is not an absolute path; give one that starts with /"),
+        )
+        .into());
+    }
     let limits = Limits {
         vcpus: args.vcpus,
         memory_mib: args.memory,

@@ -73,7 +73,10 @@ pub fn classify(err: &upstream_vmm::Error) -> Exit {
     use upstream_protocol::ErrorKind;
     use upstream_vmm::Error as E;
     match err {
-        E::KernelMissing(_) | E::AgentMissing(_) | E::BackendUnavailable { .. } => Exit::NotReady,
+        E::KernelMissing(_)
+        | E::KernelInvalid(_)
+        | E::AgentMissing(_)
+        | E::BackendUnavailable { .. } => Exit::NotReady,
         // A VMM binary that is not there, such as a wrong UPSTREAM_QEMU.
         E::VmmSpawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Exit::NotReady

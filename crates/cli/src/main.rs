@@ -132,13 +132,30 @@ fn format_chain(err: &anyhow::Error) -> String {
 }
 
 /// Logs go to stderr, filtered by `UPSTREAM_LOG` (default: warnings).
+/// Colours only on a terminal, so a log redirected to a file stays plain text.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UPSTREAM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal;
+    let (filter, invalid) = match std::env::var("UPSTREAM_LOG") {
+        Err(_) => (tracing_subscriber::EnvFilter::new("warn"), None),
+        Ok(value) => match tracing_subscriber::EnvFilter::try_new(&value) {
+            Ok(filter) => (filter, None),
+            Err(err) => (
+                tracing_subscriber::EnvFilter::new("warn"),
+                Some((value, err)),
+            ),
+        },
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some((value, err)) = invalid {
+        tracing::warn!(
+            "UPSTREAM_LOG={value} is invalid ({err}); logging warnings only. Use a level \
+             such as info or debug, or a filter such as upstream_vmm=debug"
+        );
+    }
 }
 
 /// Converts a sandbox-core error into a failure with its exit code.

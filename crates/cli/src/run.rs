@@ -70,6 +70,14 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
         .map(|path| TurnRequest::load(path))
         .collect::<Result<Vec<_>, _>>()
         .map_err(turn_failure)?;
+    for request in &requests {
+        if request.document.steps.is_empty() {
+            eprintln!(
+                "upstream: {} has no steps: only ```bash, ```sh and ```shell blocks run",
+                request.path.display()
+            );
+        }
+    }
     if args.dry_run {
         return Ok(dry_run(&requests));
     }

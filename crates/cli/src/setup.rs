@@ -2,7 +2,6 @@
 //! each prepared once and cached under the data directory.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -44,7 +43,11 @@ pub async fn run(data: &DataDir, args: SetupArgs) -> anyhow::Result<u8> {
     fs::create_dir_all(data.root())
         .with_context(|| format!("creating the data directory {}", data.root().display()))?;
     let mut state = SetupState::load(data);
-    state.kernel = Some(kernel(data, args.kernel.as_deref())?);
+    state.kernel = Some(kernel(
+        data,
+        args.kernel.as_deref(),
+        state.kernel.as_deref(),
+    )?);
     state.agent = Some(agent(data, args.agent.as_deref())?);
     state.save(data).context("saving setup.json")?;
     if !args.skip_base_image {
@@ -61,14 +64,33 @@ pub async fn run(data: &DataDir, args: SetupArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// The guest kernel: a given file, or a build cached by the hash of its
-/// inputs (options, build script and kernel source).
-fn kernel(data: &DataDir, given: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// Returns the guest kernel. A given file is copied into the data directory,
+/// so it stays usable when the original moves. Without one, the copy given to
+/// an earlier setup serves. Else the kernel is built, cached by the hash of
+/// its inputs (options, build script and kernel source).
+fn kernel(
+    data: &DataDir,
+    given: Option<&Path>,
+    previous: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         let line = StatusLine::new("Guest kernel");
         check_elf(path)?;
-        line.finish(&format!("using {}", path.display()));
-        return Ok(fs::canonicalize(path)?);
+        let copy = copy_given_kernel(data, path)?;
+        line.finish(&format!(
+            "using {} (copied to {})",
+            path.display(),
+            copy.display()
+        ));
+        return Ok(copy);
+    }
+    let earlier = previous.filter(|path| is_given_copy(data, path) && path.is_file());
+    if let Some(path) = earlier {
+        StatusLine::new("Guest kernel").finish(&format!(
+            "using {}, given to an earlier setup; pass --kernel to change it",
+            path.display()
+        ));
+        return Ok(path.to_path_buf());
     }
     let source = Path::new(KERNEL_SOURCE);
     let source_meta = fs::metadata(source).map_err(|_| {
@@ -149,27 +171,58 @@ fn run_script(line: &StatusLine, script: &Path, args: &[&Path], log: &Path) -> a
 
 /// Checks the ELF magic, because QEMU and Firecracker load `vmlinux` (an
 /// ELF file), not a bzImage.
-fn check_elf(path: &Path) -> anyhow::Result<()> {
-    let mut magic = [0u8; 4];
-    let opened = fs::File::open(path).and_then(|mut file| file.read_exact(&mut magic));
-    if opened.is_err() {
-        return Err(Failure::new(
-            Exit::NotReady,
-            format!("Kernel {} not found or unreadable", path.display()),
-        )
-        .into());
+/// Prefix of the folders under `<data>/kernels` that hold kernels given with
+/// `--kernel`, rather than built.
+const GIVEN_KERNEL_PREFIX: &str = "given-";
+
+/// Copies a given kernel to `<data>/kernels/given-<hash>/vmlinux`, once per content.
+fn copy_given_kernel(data: &DataDir, path: &Path) -> anyhow::Result<PathBuf> {
+    let mut file =
+        fs::File::open(path).with_context(|| format!("opening the kernel {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("reading the kernel {}", path.display()))?;
+    let hash = hex::encode(hasher.finalize());
+    let folder = data
+        .kernels()
+        .join(format!("{GIVEN_KERNEL_PREFIX}{}", &hash[..16]));
+    let vmlinux = folder.join("vmlinux");
+    if vmlinux.is_file() {
+        return Ok(vmlinux);
     }
-    if &magic != b"\x7fELF" {
-        return Err(Failure::new(
-            Exit::Usage,
+    fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    let partial = folder.join("vmlinux.partial");
+    fs::copy(path, &partial)
+        .and_then(|_| fs::rename(&partial, &vmlinux))
+        .with_context(|| {
             format!(
-                "Kernel {} is not an ELF vmlinux; pass the uncompressed vmlinux, not a bzImage",
-                path.display()
-            ),
-        )
-        .into());
-    }
-    Ok(())
+                "copying the kernel {} to {}",
+                path.display(),
+                vmlinux.display()
+            )
+        })?;
+    Ok(vmlinux)
+}
+
+/// Returns whether `path` is a kernel that [`copy_given_kernel`] placed.
+fn is_given_copy(data: &DataDir, path: &Path) -> bool {
+    path.parent().is_some_and(|folder| {
+        folder.parent() == Some(data.kernels().as_path())
+            && folder
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(GIVEN_KERNEL_PREFIX))
+    })
+}
+
+fn check_elf(path: &Path) -> anyhow::Result<()> {
+    upstream_vmm::check_kernel(path).map_err(|err| {
+        // A file given on the command line that is not a vmlinux is a bad value.
+        let exit = match err {
+            upstream_vmm::Error::KernelInvalid(_) => Exit::Usage,
+            _ => Exit::NotReady,
+        };
+        Failure::new(exit, err.to_string()).into()
+    })
 }
 
 /// The guest agent: copied into the data directory under its hash, so an
@@ -331,4 +384,42 @@ async fn check(data: &DataDir) -> anyhow::Result<()> {
         runtime.backend.kind().name()
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_kernel_is_copied_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path().join("data"));
+        let original = dir.path().join("vmlinux");
+        fs::write(&original, b"\x7fELF and the rest of a kernel").unwrap();
+
+        let copy = kernel(&data, Some(&original), None).unwrap();
+        assert!(copy.starts_with(data.kernels()), "{}", copy.display());
+        assert_eq!(fs::read(&copy).unwrap(), fs::read(&original).unwrap());
+
+        // A later setup without --kernel keeps the copy, even with the original gone.
+        fs::remove_file(&original).unwrap();
+        assert_eq!(kernel(&data, None, Some(&copy)).unwrap(), copy);
+    }
+
+    #[test]
+    fn given_kernel_must_be_elf() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path().join("data"));
+        let bzimage = dir.path().join("bzImage");
+        fs::write(&bzimage, b"MZ compressed").unwrap();
+
+        let err = kernel(&data, Some(&bzimage), None).unwrap_err();
+        let failure = err.downcast_ref::<Failure>().unwrap();
+        assert_eq!(failure.exit, Exit::Usage);
+        assert!(
+            failure.message.contains("not an ELF vmlinux"),
+            "{}",
+            failure.message
+        );
+    }
 }

@@ -24,7 +24,7 @@ pub enum StoreError {
 
     /// Another turn still held the context's lock when the wait ran out.
     #[error(
-        "Timed out after {}s waiting for context '{context}', which is in use by {holder}; \
+        "Timed out after {:.1}s waiting for context '{context}', which is in use by {holder}; \
          wait longer or stop that run",
         waited.as_secs_f64()
     )]

@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use upstream_protocol::ErrorKind;
 use upstream_runbook::{RenderOptions, Step, StepReport};
 use upstream_store::{StepInput, StepState};
 use upstream_vmm::{ExecEvent, Sandbox};
@@ -53,7 +54,25 @@ pub(crate) async fn run_step(
     );
 
     let started = Instant::now();
-    let mut handle = context.sandbox.exec(request).await?;
+    let mut handle = match context.sandbox.exec(request).await {
+        Ok(handle) => handle,
+        // The request starts only the step shell, so a missing program is the shell.
+        Err(upstream_vmm::Error::Guest {
+            kind: ErrorKind::NotFound,
+            message,
+        }) => {
+            let hint = if context.shell == "sh" {
+                String::new()
+            } else {
+                "; images without it need `shell: sh` in the front matter".to_owned()
+            };
+            return Err(TurnError::Sandbox(upstream_vmm::Error::Guest {
+                kind: ErrorKind::NotFound,
+                message: format!("step shell: {message}{hint}"),
+            }));
+        }
+        Err(err) => return Err(err.into()),
+    };
     let mut capture = Capture::new(context.render, context.max_output_bytes)?;
     let status = loop {
         let event = tokio::select! {

@@ -11,6 +11,12 @@ pub enum Error {
     #[error("Guest kernel not found at {0}; run `upstream setup` or pass --kernel PATH")]
     KernelMissing(PathBuf),
 
+    #[error(
+        "Guest kernel {0} is not an ELF vmlinux; pass the uncompressed vmlinux, not a bzImage, \
+         or run `upstream setup` to build one"
+    )]
+    KernelInvalid(PathBuf),
+
     #[error("Guest agent not found at {0}; run `upstream setup` after installing upstream-agent")]
     AgentMissing(PathBuf),
 

@@ -33,7 +33,7 @@ pub use host::{Accel, HostInfo};
 pub use net::{NetworkLimits, NetworkPolicy, NetworkStats, PortForward, PublishedPort};
 pub use paths::DataDir;
 pub use pool::{Pool, PoolConfig};
-pub use runtime::{select_backend, Runtime, RuntimeOptions, SetupState};
+pub use runtime::{check_kernel, select_backend, Runtime, RuntimeOptions, SetupState};
 pub use sandbox::{Limits, Sandbox, SandboxSpec, StartMode};
 pub use snapshot::SnapshotInputs;
 pub use upstream_protocol::{ExecRequest, ExitStatus, Hello};

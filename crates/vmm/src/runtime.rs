@@ -78,9 +78,7 @@ impl Runtime {
             .or_else(|| std::env::var_os("UPSTREAM_KERNEL").map(PathBuf::from))
             .or(state.kernel)
             .unwrap_or_else(|| data.kernels().join("vmlinux"));
-        if !kernel.is_file() {
-            return Err(Error::KernelMissing(kernel));
-        }
+        check_kernel(&kernel)?;
         let agent = options
             .agent
             .or_else(|| std::env::var_os("UPSTREAM_AGENT").map(PathBuf::from))
@@ -119,6 +117,22 @@ impl Runtime {
             initramfs,
             snapshots,
         })
+    }
+}
+
+/// Checks that `path` is a readable ELF file, as the backends need a guest kernel to be.
+/// A compressed `bzImage` or a wrong file would otherwise fail only at boot, with a
+/// message about the agent.
+pub fn check_kernel(path: &Path) -> Result<()> {
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path).and_then(|mut file| {
+        use std::io::Read;
+        file.read_exact(&mut magic)
+    });
+    match read {
+        Err(_) => Err(Error::KernelMissing(path.to_path_buf())),
+        Ok(()) if &magic == b"\x7fELF" => Ok(()),
+        Ok(()) => Err(Error::KernelInvalid(path.to_path_buf())),
     }
 }
 
