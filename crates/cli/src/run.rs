@@ -171,6 +171,7 @@ fn turn_options(args: &RunArgs) -> TurnOptions {
         new_context: args.new_context,
         wait: args.wait,
         target,
+        keep_turn: !args.check,
         ..TurnOptions::default()
     }
 }

@@ -67,8 +67,7 @@ pub enum DocumentTarget {
     InPlace,
     /// Into another file; the document stays untouched.
     File(PathBuf),
-    /// Nowhere: the result carries the rendered text, as `--check` needs. The turn is
-    /// not kept in the context store either.
+    /// Nowhere: the result carries the rendered text, as `--check` and the API need.
     Discard,
 }
 
@@ -89,6 +88,9 @@ pub struct TurnOptions {
     /// bounded tail is stored.
     pub max_output_bytes: u64,
     pub artifact_limits: ArtifactLimits,
+    /// Keep the turn in the context store. Without it the turn is discarded at its end,
+    /// as `--check` needs: the next turn loads the context it would have loaded anyway.
+    pub keep_turn: bool,
 }
 
 impl Default for TurnOptions {
@@ -101,6 +103,7 @@ impl Default for TurnOptions {
             render: RenderOptions::default(),
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             artifact_limits: ArtifactLimits::default(),
+            keep_turn: true,
         }
     }
 }
@@ -210,9 +213,7 @@ impl TurnRunner {
             &options.render,
         );
         let written = run.write_document(&rendered);
-        let turn = if options.target == DocumentTarget::Discard {
-            // A check leaves no turn behind: the next turn must load the same context
-            // it would have loaded without the check.
+        let turn = if !options.keep_turn {
             let mut turn = self.turn_detail(&context, guard.id())?;
             turn.turn.state = store_outcome(kind).into();
             turn.turn.ended_at = Some(Timestamp::now());
