@@ -164,6 +164,26 @@ async fn document_matches_router_and_responses() {
         .unwrap();
     assert_eq!(missing.status(), 404);
     assert_valid(&document, "Error", &missing.json().await.unwrap());
+    let wrong_method = http
+        .patch(server.url(&format!("/v1/sandboxes/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let wrong_method: Value = wrong_method.json().await.unwrap();
+    assert_valid(&document, "Error", &wrong_method);
+    assert_eq!(wrong_method["error"]["code"], "method_not_allowed");
+    let bad_query = http
+        .get(server.url(&format!(
+            "/v1/sandboxes/{id}/processes/p-1/events?after=abc"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_query.status(), 400);
+    let bad_query: Value = bad_query.json().await.unwrap();
+    assert_valid(&document, "Error", &bad_query);
+    assert_eq!(bad_query["error"]["code"], "invalid_query");
 
     let destroyed = http
         .delete(server.url(&format!("/v1/sandboxes/{id}")))

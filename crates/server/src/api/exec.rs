@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use upstream_client::api;
 
 use super::sandboxes::validate_env;
-use super::{ApiError, ApiJson, AppState};
+use super::{ApiError, ApiJson, ApiQuery, AppState};
 use crate::manager::{Caller, ExecAction};
 use crate::process::{Channel, Chunk, Ending, Process};
 
@@ -166,7 +166,7 @@ pub async fn events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((id, pid)): Path<(String, String)>,
-    Query(query): Query<EventsQuery>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let process = state.manager.get(&caller, &id)?.process(&pid)?;
@@ -219,7 +219,7 @@ pub async fn stdin(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((id, pid)): Path<(String, String)>,
-    Query(query): Query<StdinQuery>,
+    ApiQuery(query): ApiQuery<StdinQuery>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let process = state.manager.get(&caller, &id)?.process(&pid)?;

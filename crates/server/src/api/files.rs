@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 use upstream_client::api;
 
-use super::{ApiError, AppState};
+use super::{ApiError, ApiQuery, AppState};
 use crate::manager::{Caller, Entry, ManagerError};
 
 /// Bytes of a download buffered between the guest and the HTTP body.
@@ -78,7 +78,7 @@ pub async fn upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<UploadQuery>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<api::FileWritten>, ApiError> {
@@ -138,7 +138,7 @@ pub async fn download(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<PathQuery>,
+    ApiQuery(query): ApiQuery<PathQuery>,
 ) -> Result<Response, ApiError> {
     let path = guest_path(&query.path)?.to_string();
     let entry = state.manager.get(&caller, &id)?;
@@ -192,7 +192,7 @@ pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<PathQuery>,
+    ApiQuery(query): ApiQuery<PathQuery>,
 ) -> Result<Json<api::FileList>, ApiError> {
     let path = guest_path(&query.path)?;
     let entry = state.manager.get(&caller, &id)?;
@@ -221,7 +221,7 @@ pub async fn remove(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<PathQuery>,
+    ApiQuery(query): ApiQuery<PathQuery>,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&query.path)?;
     let entry = state.manager.get(&caller, &id)?;

@@ -22,7 +22,7 @@ use axum::Router;
 use upstream_store::LocalStore;
 use upstream_turn::TurnRunner;
 
-pub use error::{ApiError, ApiJson};
+pub use error::{ApiError, ApiJson, ApiQuery};
 
 use crate::db::Db;
 use crate::manager::{Caller, SandboxManager};
@@ -129,6 +129,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> (Router, Vec<(Method, &
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn_with_state(state.clone(), count_request))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(state);
     (router, list)
@@ -186,6 +187,18 @@ async fn count_request(State(state): State<AppState>, request: Request, next: Ne
         .metrics
         .count_request(&route, &method, response.status().as_u16());
     response
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not a method of {}; see /v1/openapi.json for its methods",
+            request.method(),
+            request.uri().path()
+        ),
+    )
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use upstream_client::api;
 use upstream_vmm::Limits;
 
-use super::{ApiError, ApiJson, AppState};
+use super::{ApiError, ApiJson, ApiQuery, AppState};
 use crate::manager::{Caller, CreateAction};
 
 /// Metadata entries allowed per sandbox, and the longest key and value in bytes.
@@ -121,7 +121,7 @@ fn timeout(secs: Option<u64>, field: &str) -> Result<Option<Duration>, ApiError>
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
 ) -> Result<Json<api::SandboxList>, ApiError> {
     let mut metadata = BTreeMap::new();
     let mut requested_state = None;
