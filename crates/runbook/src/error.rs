@@ -41,8 +41,12 @@ pub enum ParseError {
     #[error("Duplicate front matter key `{key}` at line {line}: remove one of the two")]
     DuplicateKey { line: usize, key: String },
 
-    /// A front matter value has the wrong type or an invalid value.
-    #[error("Invalid value for front matter key `{key}` at line {line}: {detail}; {hint}")]
+    /// A front matter value has the wrong type or an invalid value. `hint` is empty when
+    /// `detail` already shows how to write the value.
+    #[error(
+        "Invalid value for front matter key `{key}` at line {line}: {detail}{}",
+        hint_suffix(hint)
+    )]
     InvalidValue {
         line: usize,
         key: String,
@@ -112,5 +116,14 @@ impl ParseError {
             | Self::LoneCarriageReturn { line }
             | Self::UnclosedStep { line, .. } => *line,
         }
+    }
+}
+
+/// Returns `; HINT`, or nothing for an empty hint.
+fn hint_suffix(hint: &str) -> String {
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!("; {hint}")
     }
 }

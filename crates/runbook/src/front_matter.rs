@@ -158,7 +158,13 @@ fn parse_yaml(yaml: &str, first_line: usize) -> Result<FrontMatter, ParseError> 
             },
             KeyError::Invalid(detail) => ParseError::InvalidValue {
                 line,
-                hint: value_hint(&key).to_owned(),
+                // A detail that already shows how to write the value, as a duration's
+                // does, needs no second example.
+                hint: if detail.contains("as in `") {
+                    String::new()
+                } else {
+                    value_hint(&key).to_owned()
+                },
                 key,
                 detail,
             },

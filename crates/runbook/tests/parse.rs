@@ -211,7 +211,7 @@ fn invalid_front_matter_names_document_line() {
         error.to_string(),
         "Invalid value for front matter key `timeout` at line 3: invalid duration `soon`: write \
          whole numbers with the units h, m, s or ms, largest first, as in `500ms`, `90s` or \
-         `1h30m`; write a duration, as in `timeout: 90s` or `timeout: 1h30m`"
+         `1h30m`"
     );
 }
 
