@@ -73,7 +73,7 @@ pub async fn run(data: &DataDir, command: ContextCommand) -> anyhow::Result<u8> 
             let report = store
                 .export_context(&resolve(&store, &name)?, &dir)
                 .map_err(store_failure)?;
-            eprintln!(
+            note!(
                 "Exported {} artifact{} ({}){} to {}",
                 report.artifacts,
                 if report.artifacts == 1 { "" } else { "s" },
@@ -89,15 +89,16 @@ pub async fn run(data: &DataDir, command: ContextCommand) -> anyhow::Result<u8> 
         ContextCommand::Rm { name } => {
             let name = resolve(&store, &name)?;
             let removed = store.remove_context(&name).map_err(store_failure)?;
-            eprintln!(
+            note!(
                 "Removed context {name}: {} turns, {} artifacts; run `upstream context gc` \
                  to free their space",
-                removed.turns, removed.artifacts
+                removed.turns,
+                removed.artifacts
             );
         }
         ContextCommand::Gc => {
             let report = store.gc().map_err(store_failure)?;
-            eprintln!(
+            note!(
                 "Removed {} blobs ({}) and {} temp files ({})",
                 report.blobs_removed,
                 format_bytes(report.blob_bytes_freed),
@@ -243,7 +244,7 @@ fn get(
                 .with_context(|| format!("writing {}", path.display()))?;
             temp.persist(path)
                 .with_context(|| format!("writing {}", path.display()))?;
-            eprintln!(
+            note!(
                 "Wrote {} ({})",
                 path.display(),
                 format_bytes(content.artifact.size)

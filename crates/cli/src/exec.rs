@@ -136,7 +136,7 @@ pub async fn run(data: &DataDir, args: ExecArgs) -> anyhow::Result<u8> {
     let status = result?;
     if status.timed_out {
         let timeout = args.timeout.unwrap_or_default();
-        eprintln!(
+        note!(
             "upstream: command timed out after {}",
             humantime::format_duration(timeout)
         );

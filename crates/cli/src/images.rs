@@ -48,11 +48,11 @@ pub async fn run(data: &DataDir, command: ImageCommand) -> anyhow::Result<u8> {
         ImageCommand::Ls => list(&store)?,
         ImageCommand::Rm { reference } => {
             store.remove(&reference)?;
-            eprintln!("Removed {reference}");
+            note!("Removed {reference}");
         }
         ImageCommand::Prune => {
             let report = store.prune()?;
-            eprintln!(
+            note!(
                 "Removed {} blobs and {} root file systems, freed {}",
                 report.blobs_removed,
                 report.rootfs_removed,

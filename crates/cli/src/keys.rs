@@ -39,7 +39,7 @@ pub fn run(data: &DataDir, command: KeyCommand) -> anyhow::Result<u8> {
             max_sandboxes,
         } => {
             let key = db.create_key(&name, max_sandboxes)?;
-            eprintln!(
+            note!(
                 "Created API key {} ({name}). It is shown only now; send it as \
                  `Authorization: Bearer KEY`:",
                 key.record.id
@@ -71,7 +71,7 @@ pub fn run(data: &DataDir, command: KeyCommand) -> anyhow::Result<u8> {
             }
         }
         KeyCommand::Revoke { id } => match db.revoke_key(&id) {
-            Ok(()) => eprintln!("Revoked API key {id}"),
+            Ok(()) => note!("Revoked API key {id}"),
             Err(err @ upstream_server::DbError::KeyNotFound(_)) => {
                 return Err(Failure::new(Exit::Usage, err.to_string()).into())
             }

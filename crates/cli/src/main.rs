@@ -1,6 +1,23 @@
 //! `upstream`: run commands and Markdown turns in hardware-isolated
 //! microVMs.
 
+/// Writes a line to stderr like `eprintln!`, but ignores a closed stderr, as in
+/// `upstream ... 2>&1 | head -1`, where `eprintln!` would panic.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Writes to stderr without a newline, ignoring a closed stderr; see `note!`.
+macro_rules! note_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod context;
 mod doctor;
 mod exec;
@@ -113,7 +130,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let exit = exit::of(&err);
-            eprintln!("upstream: {}", format_chain(&err));
+            note!("upstream: {}", format_chain(&err));
             ExitCode::from(exit.code())
         }
     }

@@ -72,7 +72,7 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
         .map_err(turn_failure)?;
     for request in &requests {
         if request.document.steps.is_empty() {
-            eprintln!(
+            note!(
                 "upstream: {} has no steps: only ```bash, ```sh and ```shell blocks run",
                 request.path.display()
             );
@@ -109,7 +109,7 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
         match result.outcome {
             TurnOutcomeKind::Interrupted => {
                 let exit = signal.lock().unwrap().unwrap_or(Exit::Interrupted);
-                eprintln!(
+                note!(
                     "upstream: interrupted; {} has the results so far",
                     request.path.display()
                 );
@@ -117,7 +117,7 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
             }
             _ if args.check => {
                 if results_differ_ignoring_timings(&request.source, &result.rendered) {
-                    eprintln!(
+                    note!(
                         "{}: results differ from the document; run it without --check to \
                          update them",
                         request.path.display()
@@ -127,7 +127,7 @@ pub async fn run(data: &DataDir, args: RunArgs) -> anyhow::Result<u8> {
             }
             TurnOutcomeKind::Failed => {
                 for skipped in &requests[position + 1..] {
-                    eprintln!("Skipped {}: an earlier turn failed", skipped.path.display());
+                    note!("Skipped {}: an earlier turn failed", skipped.path.display());
                 }
                 return Ok(Exit::StepFailed.code());
             }
@@ -259,7 +259,7 @@ impl Console {
         }
         match event {
             TurnEvent::ImagePull { reference, state } => match state {
-                PullState::Started if self.live => eprint!("Pulling {reference} ... "),
+                PullState::Started if self.live => note_part!("Pulling {reference} ... "),
                 PullState::Started => {}
                 PullState::Done => self.finish_line(&format!("Pulling {reference} ... done")),
                 PullState::Failed => self.finish_line(&format!("Pulling {reference} ... failed")),
@@ -274,12 +274,12 @@ impl Console {
                 } else {
                     "artifacts"
                 };
-                eprintln!("Context loaded: {artifacts} {noun} from {from}");
+                note!("Context loaded: {artifacts} {noun} from {from}");
             }
             TurnEvent::StepStarted { step, label } => {
                 self.step_started = Some(Instant::now());
                 if self.live {
-                    eprint!("{} running", self.dotted(*step, label));
+                    note_part!("{} running", self.dotted(*step, label));
                     let _ = std::io::stderr().flush();
                 }
             }
@@ -294,7 +294,7 @@ impl Console {
                 let line = format!("{} {outcome}", self.dotted(*step, label));
                 self.finish_line(&line);
             }
-            TurnEvent::Warning { message } => eprintln!("warning: {message}"),
+            TurnEvent::Warning { message } => note!("warning: {message}"),
             _ => {}
         }
     }
@@ -302,9 +302,9 @@ impl Console {
     /// Prints a final line, replacing a live one on a terminal.
     fn finish_line(&self, line: &str) {
         if self.live {
-            eprint!("\r\x1b[2K");
+            note_part!("\r\x1b[2K");
         }
-        eprintln!("{line}");
+        note!("{line}");
     }
 
     /// Returns `Step N: label ....` padded to the document's longest step line.

@@ -179,7 +179,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<u8> {
         SandboxCommand::Rm { ids } => {
             for id in ids {
                 client.destroy_sandbox(&id).await.map_err(failure)?;
-                eprintln!("Destroyed {id}");
+                note!("Destroyed {id}");
             }
             Ok(0)
         }
@@ -218,7 +218,7 @@ async fn exec(client: &Client, id: &str, request: &api::Exec) -> anyhow::Result<
             }
             StreamEvent::Exit(exit) => {
                 if exit.timed_out {
-                    eprintln!("upstream: command timed out");
+                    note!("upstream: command timed out");
                     return Ok(Exit::Timeout.code());
                 }
                 let code = match (exit.exit_code, exit.signal) {

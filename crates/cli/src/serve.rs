@@ -94,7 +94,7 @@ async fn serve(data: DataDir, config: ServerConfig) -> anyhow::Result<()> {
     let socket = config.socket.clone();
     let server = Server::bind(data, config).await?;
     for sandbox in server.recovered() {
-        eprintln!(
+        note!(
             "upstream: destroyed sandbox {} left by a server that did not shut down",
             sandbox.id
         );
@@ -105,13 +105,13 @@ async fn serve(data: DataDir, config: ServerConfig) -> anyhow::Result<()> {
         "no API keys required"
     };
     if let Some(addr) = server.local_addr() {
-        eprintln!("upstream: listening on http://{addr} ({keys})");
+        note!("upstream: listening on http://{addr} ({keys})");
     }
     if let Some(path) = socket {
-        eprintln!("upstream: listening on unix:{} ({keys})", path.display());
+        note!("upstream: listening on unix:{} ({keys})", path.display());
     }
     server.run(shutdown_signal()).await?;
-    eprintln!("upstream: stopped");
+    note!("upstream: stopped");
     Ok(())
 }
 
@@ -129,5 +129,5 @@ async fn shutdown_signal() {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
-    eprintln!("upstream: shutting down: destroying every sandbox");
+    note!("upstream: shutting down: destroying every sandbox");
 }

@@ -60,7 +60,7 @@ pub async fn run(data: &DataDir, args: SetupArgs) -> anyhow::Result<u8> {
     if !args.skip_check && !args.skip_base_image {
         check(data).await?;
     }
-    eprintln!("Ready: data directory {}", data.root().display());
+    note!("Ready: data directory {}", data.root().display());
     Ok(0)
 }
 
@@ -116,9 +116,7 @@ fn kernel(
         return Ok(vmlinux);
     }
 
-    eprintln!(
-        "Building the guest kernel from {KERNEL_SOURCE}; this takes about 10 minutes on 2 cores"
-    );
+    note!("Building the guest kernel from {KERNEL_SOURCE}; this takes about 10 minutes on 2 cores");
     let work = tempfile::tempdir_in(data.root()).context("creating a build folder")?;
     let config = work.path().join("kernel.config");
     let script = work.path().join("build-guest-kernel.sh");

@@ -40,16 +40,16 @@ impl StatusLine {
             return;
         }
         *last = Some(Instant::now());
-        eprint!("\r\x1b[2K{} ... {detail}", self.label);
+        note_part!("\r\x1b[2K{} ... {detail}", self.label);
         let _ = std::io::stderr().flush();
     }
 
     /// Prints the final line: `LABEL ... OUTCOME`.
     pub fn finish(&self, outcome: &str) {
         if self.live {
-            eprint!("\r\x1b[2K");
+            note_part!("\r\x1b[2K");
         }
-        eprintln!("{} ... {outcome}", self.label);
+        note!("{} ... {outcome}", self.label);
     }
 
     pub fn elapsed(&self) -> Duration {

@@ -177,6 +177,20 @@ fn missing_setup_says_to_run_setup() {
 }
 
 #[test]
+fn closed_stderr_is_not_a_crash() {
+    let home = Home::without_vm();
+    // A pipe whose reader is gone before upstream writes its error.
+    let mut child = home
+        .command(&["image", "rm", "no-such-image"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{status:?}");
+}
+
+#[test]
 fn unknown_backend_is_a_usage_error() {
     let Some(home) = Home::new() else { return };
     let output = home.run(&["exec", "--backend", "vmware", "--", "true"]);

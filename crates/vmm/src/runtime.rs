@@ -209,7 +209,8 @@ fn notice_once(data: &DataDir, message: &str) {
         tracing::debug!("{message}");
         return;
     }
-    eprintln!("{message}");
+    // A closed stderr is not worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{message}\n").as_bytes());
     let _ = std::fs::create_dir_all(data.root());
     let _ = std::fs::write(marker, message);
 }

@@ -85,9 +85,10 @@ fn parse_rate(text: &str) -> Result<u64, String> {
 /// Prints where each published port can be reached, on stderr.
 pub fn print_published(sandbox: &Sandbox) {
     for port in sandbox.published_ports() {
-        eprintln!(
+        note!(
             "upstream: guest port {} is published at http://{}",
-            port.guest, port.host
+            port.guest,
+            port.host
         );
     }
 }
