@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use upstream_protocol::ExecRequest;
 
 use crate::runtime::Runtime;
 use crate::sandbox::{Sandbox, SandboxSpec};
@@ -280,15 +279,7 @@ async fn create_one(
 /// translation cache keeps filling over the first few commands.
 async fn warm_up(sandbox: &Sandbox) {
     for _ in 0..WARM_UP_COMMANDS {
-        let request = ExecRequest {
-            argv: vec!["true".into()],
-            ..ExecRequest::default()
-        };
-        let result = match sandbox.exec(request).await {
-            Ok(handle) => handle.collect().await.map(drop),
-            Err(err) => Err(err),
-        };
-        if let Err(err) = result {
+        if let Err(err) = sandbox.run_to_end(&["true"]).await {
             tracing::debug!(sandbox = %sandbox.id(), error = %err, "warming up a pooled sandbox failed");
             return;
         }

@@ -260,6 +260,16 @@ impl Sandbox {
         })
     }
 
+    /// Runs `argv` with the sandbox's defaults and waits for it to end, discarding its
+    /// output. Fails only when the command could not run, not on its exit code.
+    pub(crate) async fn run_to_end(&self, argv: &[&str]) -> Result<()> {
+        let request = ExecRequest {
+            argv: argv.iter().map(|arg| (*arg).to_owned()).collect(),
+            ..ExecRequest::default()
+        };
+        self.exec(request).await?.collect().await.map(drop)
+    }
+
     /// Moves a sandbox started at background priority to normal priority,
     /// as it is handed to a user. A failure is logged: the sandbox works,
     /// only slower while the host is busy.

@@ -246,6 +246,15 @@ async fn save_into(
         memory_file: Some(temp.join("memory")),
     };
     let mut sandbox = Sandbox::launch(runtime, spec.clone(), launch).await?;
+    // Programs started once before saving stay in the guest's page cache, which the
+    // snapshot keeps, so a restored sandbox's first shell or command reads no disk.
+    // Images without a shell fail this harmlessly.
+    if let Err(err) = sandbox
+        .run_to_end(&["/bin/sh", "-c", "bash -c true 2>/dev/null; true"])
+        .await
+    {
+        tracing::debug!(error = %err, "warming the guest before a snapshot failed");
+    }
     // The agent must be idle in its request loop when the guest stops, so
     // nothing is half-sent in either direction.
     sandbox.agent().ping().await?;
