@@ -118,6 +118,8 @@ pub async fn resolve(data: &DataDir, reference: &str) -> anyhow::Result<LocalIma
 }
 
 async fn pull(store: &ImageStore, reference: &str) -> anyhow::Result<LocalImage> {
+    // A reference that cannot be valid fails before any "Pulling" line.
+    upstream_image::check_reference(reference)?;
     let progress = PullLine::new(reference);
     match store.pull(reference, &progress).await {
         Ok(image) => {

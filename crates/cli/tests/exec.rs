@@ -177,6 +177,16 @@ fn missing_setup_says_to_run_setup() {
 }
 
 #[test]
+fn invalid_reference_fails_before_pulling() {
+    let home = Home::without_vm();
+    let output = home.run(&["image", "pull", "Not A Valid Ref!!"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Invalid image reference"), "{stderr}");
+    assert!(!stderr.contains("Pulling"), "{stderr}");
+}
+
+#[test]
 fn closed_stderr_is_not_a_crash() {
     let home = Home::without_vm();
     // A pipe whose reader is gone before upstream writes its error.

@@ -39,3 +39,8 @@ pub use error::ImageError;
 pub use progress::{NoProgress, PullProgress};
 pub use store::{ImageStore, ImageSummary, LocalImage, PruneReport, StoreOptions};
 pub use unpack::UnpackLimits;
+
+/// Checks that `reference` is a valid image reference, without contacting a registry.
+pub fn check_reference(reference: &str) -> Result<(), ImageError> {
+    reference::parse(reference).map(drop)
+}
