@@ -50,6 +50,24 @@ pub fn template(dir: &Path, size_mib: u32) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Moves a file a VMM wrote into a snapshot folder: a rename on the same file
+/// system, else a sparse copy and the removal of the original.
+pub fn move_file(from: &Path, to: &Path) -> Result<()> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
+            copy_sparse(from, to)?;
+            let _ = fs::remove_file(from);
+            Ok(())
+        }
+        Err(err) => Err(Error::io(format!(
+            "moving {} to {}",
+            from.display(),
+            to.display()
+        ))(err)),
+    }
+}
+
 /// Copies `src` to `dst`, leaving holes as holes.
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<()> {
     let context = || format!("copying {} to {}", src.display(), dst.display());

@@ -11,7 +11,7 @@
 //! read-only. Checked with QEMU 7.2, which has no `file:` migration URI, so
 //! the stream goes through `exec:cat`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
@@ -104,7 +104,7 @@ pub async fn save(vm: &mut dyn VmProcess, files: &VmFiles, dir: &Path) -> Result
 
     let saved_memory = dir.join(MEMORY_FILE);
     if *memory != saved_memory {
-        move_file(memory, &saved_memory)?;
+        crate::disk::move_file(memory, &saved_memory)?;
     }
     crate::disk::copy_sparse(&files.scratch_disk, &dir.join(SCRATCH_FILE))
 }
@@ -137,22 +137,6 @@ fn shell_quote(path: &Path) -> Result<String> {
         });
     }
     Ok(format!("'{text}'"))
-}
-
-fn move_file(from: &Path, to: &PathBuf) -> Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
-            crate::disk::copy_sparse(from, to)?;
-            let _ = std::fs::remove_file(from);
-            Ok(())
-        }
-        Err(err) => Err(Error::io(format!(
-            "moving {} to {}",
-            from.display(),
-            to.display()
-        ))(err)),
-    }
 }
 
 #[cfg(test)]

@@ -387,8 +387,8 @@ impl Backend for FirecrackerBackend {
                 .api
                 .send_with_timeout(&config::snapshot_create(), api::SNAPSHOT_TIMEOUT)
                 .await?;
-            snapshot::move_file(&state, &dir.join(snapshot::STATE_FILE))?;
-            snapshot::move_file(&memory, &dir.join(snapshot::MEMORY_FILE))?;
+            crate::disk::move_file(&state, &dir.join(snapshot::STATE_FILE))?;
+            crate::disk::move_file(&memory, &dir.join(snapshot::MEMORY_FILE))?;
             crate::disk::copy_sparse(
                 &record.root.join(names::SCRATCH_DISK),
                 &dir.join(snapshot::SCRATCH_FILE),

@@ -109,24 +109,6 @@ pub fn canonical(path: &Path) -> Result<PathBuf> {
         .map_err(Error::io(format!("resolving {}", path.display())))
 }
 
-/// Moves a file the VMM wrote into the snapshot folder: a rename on the
-/// same file system, else a copy.
-pub fn move_file(from: &Path, to: &Path) -> Result<()> {
-    match fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
-            crate::disk::copy_sparse(from, to)?;
-            let _ = fs::remove_file(from);
-            Ok(())
-        }
-        Err(err) => Err(Error::io(format!(
-            "moving {} to {}",
-            from.display(),
-            to.display()
-        ))(err)),
-    }
-}
-
 /// Removes a file if it exists.
 pub fn remove_quietly(path: &Path) {
     if let Err(err) = fs::remove_file(path) {
