@@ -16,8 +16,8 @@ pub enum ChannelSpec {
 }
 
 impl ChannelSpec {
-    /// Whether the agent opens the connection, and so can open it again
-    /// after it breaks. A virtio-serial port is opened once and stays.
+    /// Returns whether the agent opens the connection, and so can open it
+    /// again after it breaks. A virtio-serial port is opened once and stays.
     pub fn dials(&self) -> bool {
         matches!(self, Self::Vsock(_) | Self::UnixSocket(_))
     }

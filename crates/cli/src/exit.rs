@@ -98,8 +98,8 @@ pub fn classify(err: &upstream_vmm::Error) -> Exit {
     }
 }
 
-/// The exit code of an image error: a bad reference, archive or image is the caller's
-/// value (2), and a broken Docker config is the host's set-up (3).
+/// Returns the exit code of an image error. A bad reference, archive or image is the
+/// caller's value (2), and a broken Docker config is the host's set-up (3).
 pub fn classify_image(err: &upstream_image::ImageError) -> Exit {
     use upstream_image::ImageError as E;
     match err {
@@ -115,8 +115,8 @@ pub fn classify_image(err: &upstream_image::ImageError) -> Exit {
     }
 }
 
-/// The exit code of an error: the one a [`Failure`] carries, else the first sandbox or
-/// image error in its chain, else 125.
+/// Returns the exit code of an error: the one a [`Failure`] carries, else that of the
+/// first sandbox, image or server error in its chain, else 125.
 pub fn of(err: &anyhow::Error) -> Exit {
     if let Some(failure) = err.downcast_ref::<Failure>() {
         return failure.exit;

@@ -218,7 +218,7 @@ pub struct Process {
     pub background: bool,
     pub state: ProcessState,
     pub exit: Option<ExitInfo>,
-    /// Why the command failed, when its state is `failed`.
+    /// The reason the command failed, when its state is `failed`.
     pub error: Option<ErrorDetail>,
     /// Sequence number of the last output event so far (0 when none).
     pub last_seq: u64,

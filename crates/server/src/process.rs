@@ -80,7 +80,7 @@ pub struct OutputLog {
 }
 
 impl OutputLog {
-    /// The state, exit and error of the process, as the API reports them.
+    /// Returns the state, exit and error of the process, as the API reports them.
     fn state(
         &self,
     ) -> (

@@ -119,7 +119,7 @@ pub async fn sh_with(
         .expect("collecting a command's output")
 }
 
-/// The nice value of every thread of process `pid`, from field 19 of
+/// Returns the nice value of every thread of process `pid`, from field 19 of
 /// `/proc/PID/task/TID/stat`.
 pub fn thread_nice_values(pid: u32) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

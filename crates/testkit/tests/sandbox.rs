@@ -201,23 +201,23 @@ async fn files_round_trip_byte_for_byte() {
 }
 
 #[tokio::test]
-async fn removing_root_folder_is_refused() {
+async fn removing_root_folder_is_rejected() {
     let vm = require_vm!();
     let sandbox = vm.sandbox().await;
     let (_, _, status) = sh(&sandbox, "mkdir -p /data/dir && ln -s / /data/dir/up").await;
     assert_eq!(status.code, Some(0));
 
     for path in ["/", "//", "/tmp/..", "/data/dir/up/."] {
-        let refused = sandbox.agent().remove(path).await;
+        let rejected = sandbox.agent().remove(path).await;
         assert!(
             matches!(
-                &refused,
+                &rejected,
                 Err(Error::Guest {
                     kind: ErrorKind::InvalidRequest,
                     ..
                 })
             ),
-            "{path}: {refused:?}"
+            "{path}: {rejected:?}"
         );
     }
     // A link to the root is removed as a link, and the system is intact.

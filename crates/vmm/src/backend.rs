@@ -146,7 +146,7 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
 
     /// Returns how this backend attaches [`VmSpec::network`], or an error
-    /// that says why it cannot on this host.
+    /// with the reason it cannot on this host.
     fn network_attachment(&self) -> Result<crate::net::Attachment> {
         Err(crate::Error::NetworkUnsupported {
             backend: self.kind().name(),

@@ -24,8 +24,8 @@ const WARM_UP_COMMANDS: usize = 3;
 
 /// How long a refill waits after a sandbox is handed out. A new owner
 /// usually runs a command at once, and a restore started beside it takes
-/// CPU from it: on 2 cores under TCG, an immediate refill made the first
-/// command 20 ms slower even with the refill at background priority.
+/// CPU from that command. On 2 cores under TCG, an immediate refill made the
+/// first command 20 ms slower, even with the refill at background priority.
 const REFILL_DELAY: Duration = Duration::from_millis(250);
 
 /// Sizes and time limits of a [`Pool`].

@@ -15,7 +15,7 @@ pub(crate) fn netdev_args(network: &VmNetwork) -> Vec<String> {
     let mut netdev = format!(
         "user,id=net0,restrict=on,ipv6=off,net=10.0.2.0/{GUEST_PREFIX},host=10.0.2.2,dns=10.0.2.3"
     );
-    // `prepare` builds a slirp link for QEMU, whose backend asks for one.
+    // `prepare` builds a slirp link for QEMU, because its backend requests one.
     // Without it no guest connection is forwarded out.
     if let GuestLink::Slirp(relay) = &network.link {
         for port in network.forwarded_ports() {

@@ -41,8 +41,8 @@ def _as_bytes(data: Bytes) -> bytes:
 class ExecResult:
     """Output and exit of a command. ``exit_code`` is ``None`` while it runs, when a
     signal ended it (then ``signal`` is set) or when it failed. ``state`` is
-    ``running``, ``exited`` or ``failed``; a failed command could not start or lost
-    its guest connection, and ``error`` (code, message) says why."""
+    ``running``, ``exited`` or ``failed``. A failed command could not start or lost
+    its guest connection, and ``error`` (code, message) gives the reason."""
 
     process_id: str
     stdout: bytes
